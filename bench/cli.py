@@ -1,0 +1,125 @@
+"""Command line: ``python -m bench run ...`` and ``python -m bench list``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import methods
+import tasks
+from bench.spec import OPTIMIZERS, RUN_DEFAULTS, SCHEDULERS, hparams_from_flags, load_config_file, parse_assignments, resolve_spec
+
+
+def _run_parser(commands: Any) -> None:
+    run = commands.add_parser(
+        "run",
+        help="train methods on a task suite and log every run to MLflow",
+        description="Train every (method, seed) on a task suite; print a comparison table. "
+        "Options not given come from --config, then from the suite's and the built-in defaults.",
+        argument_default=argparse.SUPPRESS,
+    )
+    run.add_argument("--config", help="YAML or TOML file with run options (flags override it)")
+    run.add_argument("--methods", help="'all' (every native method) or a comma list; libmtl:<name> allowed")
+    run.add_argument("--task", help=f"task suite: {', '.join(tasks.available())}")
+    run.add_argument("--seeds", help=f"comma list of seeds (default {RUN_DEFAULTS['seeds'][0]})")
+    run.add_argument("--epochs", type=int, help="training epochs (default: the suite's)")
+    run.add_argument("--batch-size", type=int, dest="batch_size", help="training batch size")
+    run.add_argument("--lr", type=float, help="learning rate, the same for every method")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer, the same for every method (default adam)")
+    run.add_argument("--weight-decay", type=float, dest="weight_decay", help="weight decay (default 0)")
+    run.add_argument("--scheduler", choices=SCHEDULERS, help="learning-rate schedule (default none)")
+    run.add_argument("--backbone", help="encoder: resnet18 (default), resnet50, densenet121")
+    run.add_argument("--image-size", type=int, dest="image_size", help="task option: image side in pixels")
+    run.add_argument("--data-dir", dest="data_dir", help="task option: where the data set lives")
+    run.add_argument("--task-opt", action="append", dest="task_opt", metavar="KEY=VALUE", help="any task option (repeatable)")
+    run.add_argument("--hp", action="append", metavar="METHOD.NAME=VALUE", help="a method hyperparameter (repeatable), e.g. cagrad.calpha=0.4")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    run.add_argument("--results", help="directory for results, stores and summaries (default results/)")
+    run.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default sqlite:///<results>/mlflow.db; MLFLOW_TRACKING_URI honoured)")
+    run.add_argument("--no-checkpoint", dest="save_checkpoint", action="store_false", help="do not store the best checkpoint as an MLflow artifact")
+
+
+def _option_value(text: str) -> Any:
+    """A task option from the command line: int, float, true/false, or the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return text
+
+
+def flags_to_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config-file layer, flag layer) from parsed ``run`` arguments."""
+    given = dict(vars(args))
+    given.pop("command", None)
+    config = load_config_file(given.pop("config")) if "config" in given else {}
+    task_options: dict[str, Any] = {}
+    for key in ("image_size", "data_dir"):
+        if key in given:
+            task_options[key] = given.pop(key)
+    for key, value in parse_assignments(given.pop("task_opt", []), "--task-opt").items():
+        task_options[key] = _option_value(value)
+    if task_options:
+        given["task_options"] = task_options
+    if "hp" in given:
+        given["hparams"] = hparams_from_flags(given.pop("hp"))
+    return config, given
+
+
+def list_command(console: Console) -> None:
+    """Print every method with its hyperparameters and every task suite with its options."""
+    table = Table(title="methods (python -m bench run --methods NAME --hp NAME.KEY=VALUE)")
+    for column in ("method", "hyperparameter", "default", "valid values"):
+        table.add_column(column)
+    for name in methods.available(include_libmtl=True):
+        declared = methods.hparams(name)
+        if not declared:
+            table.add_row(name, "-", "", "")
+        for i, h in enumerate(declared):
+            table.add_row(name if i == 0 else "", h.name, repr(h.default), h.describe())
+    console.print(table)
+    suites = Table(title="task suites (python -m bench run --task NAME --task-opt KEY=VALUE)")
+    for column in ("task", "option", "default", "help"):
+        suites.add_column(column)
+    for name in tasks.available():
+        for i, (option, info) in enumerate(tasks.options(name).items()):
+            suites.add_row(name if i == 0 else "", option, "(required)" if info.required else repr(info.default), info.help)
+    console.print(suites)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark harness for multi-task weighting methods.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _run_parser(commands)
+    commands.add_parser("list", help="list methods with their hyperparameters, and task suites with their options")
+    args = parser.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    if args.command == "list":
+        list_command(console)
+        return 0
+    from bench.runner import run_sweep  # heavy imports (MLflow) only when running
+
+    try:
+        spec = resolve_spec(*flags_to_layers(args))
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    try:
+        results = run_sweep(spec, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the current run is marked KILLED; the store is readable[/]")
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    # A run that diverged (non-finite loss) is a result; a run that crashed is an error.
+    return 1 if any(r.crashed for r in results) else 0

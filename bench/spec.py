@@ -1,0 +1,257 @@
+"""The run spec: everything that defines a sweep of (method, seed) training runs.
+
+A spec is resolved from three layers, later ones winning: built-in defaults (some of them the
+task suite's own, e.g. its number of epochs), a YAML or TOML file (``--config``), and
+command-line flags. The resolved spec is validated up front and saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import methods
+import tasks
+from methods.base import resolve_hparams
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULERS = ("none", "cosine")
+
+RUN_DEFAULTS: dict[str, Any] = {
+    "methods": "all",
+    "seeds": [0],
+    "epochs": 5,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "scheduler": "none",
+    "backbone": "resnet18",
+    "device": None,
+    "results": "results",
+    "tracking_uri": None,
+    "save_checkpoint": True,
+}
+"""Defaults for every key except ``task``; a suite may override some (``TaskSuite.run_defaults``)."""
+
+
+@dataclass
+class RunSpec:
+    """A validated sweep: every method in ``methods`` trained once per seed in ``seeds``."""
+
+    task: str
+    methods: list[str]
+    seeds: list[int]
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    scheduler: str
+    backbone: str
+    device: str
+    results: Path
+    tracking_uri: str
+    save_checkpoint: bool
+    task_options: dict[str, Any] = field(default_factory=dict)
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (for YAML, MLflow params and the summary)."""
+        out = dataclasses.asdict(self)
+        out["results"] = str(self.results)
+        return out
+
+    def method_hparams(self, method: str) -> dict[str, Any]:
+        """The hyperparameters given for ``method`` (validated; defaults not filled in)."""
+        return dict(self.hparams.get(method, {}))
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) run spec; keys may use '-' or '_'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of run options at the top")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def parse_assignments(items: list[str], what: str) -> dict[str, str]:
+    """``["a.b=1", ...]`` -> ``{"a.b": "1"}``, with an error naming a malformed item."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def hparams_from_flags(items: list[str]) -> dict[str, dict[str, str]]:
+    """``--hp cagrad.calpha=0.4`` items -> ``{"cagrad": {"calpha": "0.4"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in parse_assignments(items, "--hp").items():
+        method, dot, name = key.rpartition(".")
+        if not dot or not method:
+            raise ValueError(f"--hp {key}={value}: expected METHOD.NAME=VALUE, e.g. cagrad.calpha=0.4")
+        out.setdefault(method, {})[name] = value
+    return out
+
+
+def _merge_nested(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) for k, v in base.items()}
+    for key, values in override.items():
+        merged.setdefault(key, {}).update(values)
+    return merged
+
+
+def _as_list(value: Any, kind: type, what: str) -> list[Any]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    try:
+        return [kind(v.strip()) if isinstance(v, str) else kind(v) for v in value]
+    except ValueError:
+        raise ValueError(f"{what}: expected a comma-separated list of {kind.__name__}, got {value!r}") from None
+
+
+def _positive_int(value: Any, flag: str) -> int:
+    """``value`` as an integer >= 1 (strings of digits accepted), or an error naming ``flag``."""
+    whole = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+    if isinstance(value, bool) or not whole or int(value) < 1:
+        raise ValueError(f"{flag}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _number(value: Any, flag: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag}: expected a number, got {value!r}") from None
+
+
+def resolve_methods(value: Any) -> list[str]:
+    """``all`` -> every native method; otherwise a validated list (``libmtl:<name>`` allowed)."""
+    names = _as_list(value, str, "--methods")
+    resolved: list[str] = []
+    for name in names:
+        expanded = methods.available() if name == "all" else [name]
+        for method in expanded:
+            methods.method_class(method)  # raises with the list of valid names
+            if method not in resolved:
+                resolved.append(method)
+    if not resolved:
+        raise ValueError("--methods is empty; give 'all' or a comma-separated list")
+    return resolved
+
+
+def resolve_spec(
+    config: Mapping[str, Any], flags: Mapping[str, Any]
+) -> RunSpec:
+    """Merge defaults < config file < flags, validate, and return the spec.
+
+    ``flags`` holds only the options given on the command line. ``task_options`` and
+    ``hparams`` are merged key by key.
+    """
+    layered: dict[str, Any] = {}
+    for layer in (config, flags):
+        for key, value in layer.items():
+            if key in ("task_options", "hparams") and not isinstance(value, Mapping):
+                raise ValueError(f"{key} must be a mapping, got {value!r}")
+            if key == "hparams":
+                if not all(isinstance(v, Mapping) for v in value.values()):
+                    raise ValueError("hparams must map each method to a mapping of name: value")
+                layered[key] = _merge_nested(layered.get(key, {}), value)
+            elif key == "task_options":
+                layered[key] = {**layered.get(key, {}), **value}
+            else:
+                layered[key] = value
+    unknown = sorted(set(layered) - set(RUN_DEFAULTS) - {"task", "task_options", "hparams"})
+    if unknown:
+        raise ValueError(
+            f"unknown run option(s) {', '.join(unknown)}; valid: "
+            + ", ".join(sorted([*RUN_DEFAULTS, "task", "task_options", "hparams"]))
+        )
+    if "task" not in layered:
+        raise ValueError(f"no task given: use --task NAME; valid: {', '.join(tasks.available())}")
+    task = str(layered["task"])
+    suite_defaults = tasks.run_defaults(task)
+    values = {**RUN_DEFAULTS, **suite_defaults, **layered}
+
+    chosen_methods = resolve_methods(values["methods"])
+    seeds = _as_list(values["seeds"], int, "--seeds")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct non-negative integers, got {seeds}")
+    epochs = _positive_int(values["epochs"], "--epochs")
+    batch_size = _positive_int(values["batch_size"], "--batch-size")
+    lr, weight_decay = _number(values["lr"], "--lr"), _number(values["weight_decay"], "--weight-decay")
+    if not lr > 0:
+        raise ValueError(f"--lr: expected a positive number, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"--weight-decay: expected a non-negative number, got {weight_decay}")
+    if values["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {values['optimizer']!r}: valid: {', '.join(OPTIMIZERS)}")
+    if values["scheduler"] not in SCHEDULERS:
+        raise ValueError(f"--scheduler {values['scheduler']!r}: valid: {', '.join(SCHEDULERS)}")
+
+    device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed_device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if parsed_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+    hparams = {m: dict(v) for m, v in (values.get("hparams") or {}).items()}
+    for method, given in hparams.items():
+        if method not in chosen_methods:
+            raise ValueError(
+                f"hyperparameters given for {method!r}, which is not among the methods run "
+                f"({', '.join(chosen_methods)})"
+            )
+        declared = methods.hparams(method)
+        hparams[method] = {
+            k: v for k, v in resolve_hparams(method, declared, given).items() if k in given
+        }
+
+    results = Path(values["results"])
+    tracking_uri = (
+        values["tracking_uri"]
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(results / 'mlflow.db').resolve()}"
+    )
+    return RunSpec(
+        task=task,
+        methods=chosen_methods,
+        seeds=seeds,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=values["optimizer"],
+        weight_decay=weight_decay,
+        scheduler=values["scheduler"],
+        backbone=str(values["backbone"]),
+        device=str(parsed_device),
+        results=results,
+        tracking_uri=str(tracking_uri),
+        save_checkpoint=bool(values["save_checkpoint"]),
+        task_options=dict(values.get("task_options") or {}),
+        hparams=hparams,
+    )

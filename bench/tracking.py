@@ -1,0 +1,147 @@
+"""MLflow tracking: one experiment per task suite, one run per (method, seed).
+
+The default store is SQLite at ``<results>/mlflow.db`` with artifacts under
+``<results>/mlartifacts``; any tracking URI (a server, ``MLFLOW_TRACKING_URI``) works too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import RunStatus
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "libmtl")
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def experiment_name(task: str) -> str:
+    """The MLflow experiment of a task suite."""
+    return f"mtl-bench/{task}"
+
+
+def git_commit() -> str:
+    """The commit of this checkout (with ``-dirty`` when it has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    """Tags that say where a run came from: commit, package versions, device, machine."""
+    tags = {
+        "git_commit": git_commit(),
+        "device": device,
+        "python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+    for package in PACKAGES:
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{package}"] = "not installed"
+    tags["machine"] = f"{platform.system()} {platform.machine()}"
+    return tags
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b": "value"}`` with values as strings, for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+class Tracker:
+    """Opens the experiment of a task suite in a tracking store and logs runs into it.
+
+    A context manager: MLflow's ``set_tracking_uri`` also sets the ``MLFLOW_TRACKING_URI``
+    environment variable, which leaving the context restores.
+    """
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        mlflow.set_tracking_uri(self._previous_uri)  # None unsets the environment variable
+
+    def __init__(self, tracking_uri: str, task: str, results: Path) -> None:
+        self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(tracking_uri)
+        self.tracking_uri = tracking_uri
+        name = experiment_name(task)
+        try:
+            experiment = mlflow.get_experiment_by_name(name)
+        except Exception as error:  # the store is unreachable or unreadable
+            raise ConnectionError(
+                f"cannot open the MLflow tracking store {tracking_uri}: {error}. Check the URI "
+                "(--tracking-uri or MLFLOW_TRACKING_URI) and that the server is running"
+            ) from error
+        if experiment is None:
+            local = "://" not in tracking_uri or tracking_uri.startswith(("sqlite:", "file:"))
+            location = (results / "mlartifacts").resolve().as_uri() if local else None
+            self.experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def start_run(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        """Start a run with its params and tags; return its id."""
+        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        mlflow.log_params(flatten(params))
+        mlflow.set_tags(dict(tags))
+        return run.info.run_id
+
+    def log_data_identity(self, identity: Mapping[str, Any]) -> None:
+        """Each split as an MLflow input: name, size and the sha256 of its item ids."""
+        for split, info in identity["splits"].items():
+            dataset = MetaDataset(
+                CodeDatasetSource({"suite": str(identity["suite"]), "split": split}),
+                name=f"{identity['suite']}/{split} (n={info['size']})",
+                digest=info["sha256"][:32],
+            )
+            mlflow.log_input(dataset, context=split)
+        mlflow.log_dict(dict(identity), "data_identity.json")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if v == v}  # NaN is not logged
+        mlflow.log_metrics(finite, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        mlflow.log_artifact(str(path))
+
+    def end_run(self, status: str, reason: str | None = None) -> None:
+        """End the active run as FINISHED, FAILED or KILLED, with the reason as a tag."""
+        if reason:
+            mlflow.set_tag("failure_reason", reason[:5000])
+        mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))

@@ -1,0 +1,253 @@
+"""`python -m bench run` end to end on a small cxr14-synthetic suite, read back from MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+
+import methods
+from bench.cli import main
+from bench.tracking import experiment_name
+
+REPO = Path(__file__).resolve().parent.parent
+TASK = "cxr14-synthetic"
+SMALL = ["--task", TASK, "--task-opt", "n_images=700", "--image-size", "16", "--batch-size", "128", "--epochs", "2"]
+
+
+def run_cli(results: Path, *extra: str) -> int:
+    return main(["run", *SMALL, "--results", str(results), *extra])
+
+
+def runs_of(results: Path) -> list[mlflow.entities.Run]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment_name(TASK))
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    results = tmp_path_factory.mktemp("results")
+    code = run_cli(results, "--methods", "ew,deepchest,pcgrad", "--seeds", "0,1", "--hp", "deepchest.init=prevalence")
+    assert code == 0
+    return results
+
+
+def test_one_finished_run_per_method_and_seed(sweep: Path) -> None:
+    runs = runs_of(sweep)
+    cells = sorted((r.data.params["method"], r.data.params["seed"]) for r in runs)
+    assert cells == sorted((m, s) for m in ("ew", "deepchest", "pcgrad") for s in ("0", "1"))
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_run_params_tags_metrics_and_inputs(sweep: Path) -> None:
+    run = next(r for r in runs_of(sweep) if r.data.params["method"] == "pcgrad")
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["optimizer"] == "adam" and params["epochs"] == "2" and params["batch_size"] == "128"
+    assert params["task_options.image_size"] == "16" and params["task_options.n_images"] == "700"
+    assert params["hp.seed"] == params["seed"]  # the harness passes the run seed to pcgrad
+    assert tags["device"] == "cpu" and tags["version.torch"] == torch.__version__
+    assert "git_commit" in tags
+    for task in ("Atelectasis", "Hernia"):
+        assert f"train/loss/{task}" in metrics and f"train/weight/{task}" in metrics
+        assert f"test/auroc/{task}" in metrics or f"test/accuracy/{task}" in metrics
+    for key in ("val/mean_auroc", "test/mean_auroc", "test/mean_accuracy", "time/forward_ms",
+                "time/gradients_ms", "time/weighting_ms", "time/optimizer_ms", "memory/peak_mb"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    contexts = sorted(i.tags[0].value for i in run.inputs.dataset_inputs)
+    assert contexts == ["test", "train", "val"]
+    digests = {i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert len(digests) == 3
+
+
+def test_per_epoch_history_and_best_checkpoint_is_tested(sweep: Path) -> None:
+    run = next(r for r in runs_of(sweep) if r.data.params["method"] == "ew")
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
+    history = client.get_metric_history(run.info.run_id, "val/mean_auroc")
+    assert [m.step for m in history] == [0, 1]
+    best_epoch = max(range(2), key=lambda e: history[e].value)
+    assert run.data.metrics["summary/best_epoch"] == best_epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "test_predictions.csv", "best_checkpoint.pt", "data_identity.json"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "best_checkpoint.pt"))
+    checkpoint = torch.load(local, weights_only=False)
+    assert checkpoint["epoch"] == best_epoch
+    predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "test_predictions.csv"))
+    assert len(predictions) == int(json.loads(Path(client.download_artifacts(run.info.run_id, "data_identity.json")).read_text())["splits"]["test"]["size"])
+
+
+def test_deepchest_weights_follow_its_rule_in_a_real_run(sweep: Path) -> None:
+    run = next(r for r in runs_of(sweep) if r.data.params["method"] == "deepchest")
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
+    names = ["Atelectasis", "Cardiomegaly", "Hernia"]
+    for name in names:
+        weights = [m.value for m in client.get_metric_history(run.info.run_id, f"train/weight/{name}")]
+        accuracy0 = [m.value for m in client.get_metric_history(run.info.run_id, f"train/accuracy/{name}")][0]
+        all_acc0 = [
+            client.get_metric_history(run.info.run_id, f"train/accuracy/{t}")[0].value
+            for t in ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                      "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+        ]
+        expected = min(weights[0] * 1.1, 1.5) if accuracy0 < sum(all_acc0) / 14 else weights[0] / 1.05
+        assert weights[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_summary_files_and_same_seed_same_numbers(sweep: Path, tmp_path: Path) -> None:
+    summary = pd.read_csv(sweep / f"summary-{TASK}.csv")
+    assert len(summary) == 6 and set(summary["status"]) == {"FINISHED"}
+    data = json.loads((sweep / f"summary-{TASK}.json").read_text())
+    assert [m["method"] for m in data["methods"]] == ["ew", "deepchest", "pcgrad"]
+    assert data["methods"][0]["ratio_to_ew"] == pytest.approx(1.0)
+    # Deterministic on CPU: the same seed reproduces the same test metrics.
+    assert run_cli(tmp_path, "--methods", "ew", "--seeds", "1") == 0
+    again = pd.read_csv(tmp_path / f"summary-{TASK}.csv").iloc[0]
+    first = summary[(summary["method"] == "ew") & (summary["seed"] == 1)].iloc[0]
+    assert again["test_mean_auroc"] == first["test_mean_auroc"]
+    assert again["best_val"] == first["best_val"]
+
+
+def test_config_file_with_flag_override(tmp_path: Path) -> None:
+    config = tmp_path / "spec.yaml"
+    config.write_text(
+        "methods: uwso\nseeds: [3]\nepochs: 1\nlr: 0.01\nhparams:\n  uwso:\n    temperature: 4\n"
+        "task_options:\n  n_images: 700\n"
+    )
+    code = main(["run", "--config", str(config), "--task", TASK, "--image-size", "16", "--batch-size", "128",
+                 "--lr", "0.002", "--results", str(tmp_path / "r"), "--no-checkpoint"])
+    assert code == 0
+    (run,) = runs_of(tmp_path / "r")
+    params = run.data.params
+    assert params["lr"] == "0.002" and params["seed"] == "3" and params["hp.temperature"] == "4.0"
+    assert params["task_options.n_images"] == "700"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}")
+    assert "best_checkpoint.pt" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_toml_config(tmp_path: Path) -> None:
+    config = tmp_path / "spec.toml"
+    config.write_text('methods = "ew"\nepochs = 1\n[task_options]\nn_images = 700\nimage_size = 16\n')
+    assert main(["run", "--config", str(config), "--task", TASK, "--batch-size", "128",
+                 "--results", str(tmp_path / "r"), "--no-checkpoint"]) == 0
+    assert runs_of(tmp_path / "r")[0].data.params["epochs"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "ew,nosuch"], "valid: cagrad, deepchest"),
+        (["--hp", "cagrad.calpha=7", "--methods", "cagrad"], "calpha=7"),
+        (["--hp", "cagrad.nosuch=1", "--methods", "cagrad"], "valid: calpha"),
+        (["--hp", "mgda.normalization=l2", "--methods", "ew"], "not among the methods"),
+        (["--seeds", "0,x"], "--seeds"),
+        (["--lr", "-1"], "--lr"),
+        (["--task-opt", "nosuch=1", "--methods", "ew"], "valid options"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code = main(["run", "--task", TASK, "--results", str(tmp_path), *argv])
+    assert code == 2
+    assert message in " ".join(capsys.readouterr().out.split())
+
+
+def test_unknown_task_lists_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--task", "nosuch", "--results", str(tmp_path)]) == 2
+    assert "cxr14-synthetic" in capsys.readouterr().out
+
+
+def test_non_finite_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from methods.uwo import UWO
+
+    def poisoned_backward(self, losses, shared_params, *, timer=None):  # type: ignore[no-untyped-def]
+        return methods.Method.backward(self, losses * float("nan"), shared_params, timer=timer)
+
+    monkeypatch.setattr(UWO, "backward", poisoned_backward)
+    code = run_cli(tmp_path, "--methods", "uwo,ew")
+    assert code == 0  # a divergence is a result, not a crash
+    runs = {r.data.params["method"]: r for r in runs_of(tmp_path)}
+    assert runs["uwo"].info.status == "FAILED"
+    assert "non-finite loss" in runs["uwo"].data.tags["failure_reason"]
+    assert runs["ew"].info.status == "FINISHED"
+    summary = pd.read_csv(tmp_path / f"summary-{TASK}.csv")
+    assert list(summary["status"]) == ["FAILED", "FINISHED"]
+
+
+def test_ctrl_c_marks_the_run_killed_and_the_store_stays_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from methods.ew import EW
+
+    calls = {"n": 0}
+    original = EW.backward
+
+    def interrupted(self, losses, shared_params, *, timer=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, losses, shared_params, timer=timer)
+
+    monkeypatch.setattr(EW, "backward", interrupted)
+    assert run_cli(tmp_path, "--methods", "ew,uwso") == 130
+    (run,) = runs_of(tmp_path)
+    assert run.info.status == "KILLED" and run.data.params["method"] == "ew"
+    assert pd.read_csv(tmp_path / f"summary-{TASK}.csv")["status"].tolist() == ["KILLED"]
+
+
+def test_list_prints_methods_hyperparameters_and_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for text in ("deepchest", "calpha", "0.5", "libmtl:mgda", "normalization", "cxr14-synthetic", "n_images"):
+        assert text in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_over_an_mlflow_tracking_server(tmp_path: Path) -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", (tmp_path / "artifacts").as_uri(), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not start within 120 s"
+            time.sleep(1)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        command = [sys.executable, "-m", "bench", "run", *SMALL, "--epochs", "1", "--methods", "ew",
+                   "--results", str(tmp_path / "r"), "--tracking-uri", url, "--no-checkpoint"]
+        subprocess.run(command, check=True, env=env, cwd=tmp_path, timeout=600)
+        experiments = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name",
+                                   params={"experiment_name": experiment_name(TASK)}, timeout=10).json()
+        experiment_id = experiments["experiment"]["experiment_id"]
+        found = requests.post(f"{url}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment_id]}, timeout=10).json()
+        (run,) = found["runs"]
+        assert run["info"]["status"] == "FINISHED"
+        assert {p["key"]: p["value"] for p in run["data"]["params"]}["method"] == "ew"
+        assert any(m["key"] == "test/mean_auroc" for m in run["data"]["metrics"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -200,7 +200,7 @@ def train_run(spec: RunSpec, suite: TaskSuite, method_name: str, seed: int, trac
         tracker.log_data_identity(suite.identity())
         with tempfile.TemporaryDirectory() as scratch:
             config_path = Path(scratch) / "config.yaml"
-            config_path.write_text(yaml.safe_dump({**spec.to_dict(), "method": method_name, "seed": seed, "hp": _plain(method.hparam_values)}, sort_keys=False))
+            config_path.write_text(yaml.safe_dump(_run_config(spec, suite, method, seed), sort_keys=False))
             tracker.log_artifact(config_path)
         _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result)
         _test(spec, suite, model, loaders["test"], device, tracker, result)
@@ -221,8 +221,20 @@ def train_run(spec: RunSpec, suite: TaskSuite, method_name: str, seed: int, trac
     return result
 
 
-def _plain(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+def _run_config(spec: RunSpec, suite: TaskSuite, method: methods.Method, seed: int) -> dict[str, Any]:
+    """This run alone as a run spec that ``bench run --config`` accepts, every value resolved.
+
+    Where results go (``results``, ``tracking_uri``) is left out: it says where, not what.
+    """
+    hparams = {k: list(v) if isinstance(v, tuple) else v for k, v in method.hparam_values.items() if v is not None}
+    where = ("results", "tracking_uri")
+    return {
+        **{k: v for k, v in spec.to_dict().items() if k not in where},
+        "methods": [method.name],
+        "seeds": [seed],
+        "task_options": suite.config(),
+        "hparams": {method.name: hparams},
+    }
 
 
 def _fit(

@@ -111,8 +111,11 @@ def test_summary_files_and_same_seed_same_numbers(sweep: Path, tmp_path: Path) -
     data = json.loads((sweep / f"summary-{TASK}.json").read_text())
     assert [m["method"] for m in data["methods"]] == ["ew", "deepchest", "pcgrad"]
     assert data["methods"][0]["ratio_to_ew"] == pytest.approx(1.0)
-    # Deterministic on CPU: the same seed reproduces the same test metrics.
-    assert run_cli(tmp_path, "--methods", "ew", "--seeds", "1") == 0
+    # Deterministic on CPU: the config saved with a run reproduces its test metrics.
+    run = next(r for r in runs_of(sweep) if (r.data.params["method"], r.data.params["seed"]) == ("ew", "1"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
+    saved = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert main(["run", "--config", saved, "--results", str(tmp_path), "--no-checkpoint"]) == 0
     again = pd.read_csv(tmp_path / f"summary-{TASK}.csv").iloc[0]
     first = summary[(summary["method"] == "ew") & (summary["seed"] == 1)].iloc[0]
     assert again["test_mean_auroc"] == first["test_mean_auroc"]

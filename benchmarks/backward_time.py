@@ -67,7 +67,7 @@ def main() -> None:
             try:
                 reference = f"{time_backward('libmtl:' + name):.3f}"
             except LibMTLDefectError as error:
-                reference = f"refused ({str(error).split(':')[1].strip()[:40]}...)"
+                reference = "refused: " + str(error).split(";")[0].split(": ", 1)[1]
         rows.append((name, native, reference))
     print(f"ResNet-18, {args.tasks} tasks, {args.image_size} px, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")

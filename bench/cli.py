@@ -12,7 +12,11 @@ from rich.table import Table
 
 import methods
 import tasks
+from bench.profile import add_profile_parser, profile_command
+from bench.step import GRAD_LEVELS
+from bench.report import add_report_parser, report_command
 from bench.spec import OPTIMIZERS, RUN_DEFAULTS, SCHEDULERS, hparams_from_flags, load_config_file, parse_assignments, resolve_spec
+from bench.sweep_cli import StorageOptions, add_run_sweep_options, add_tune_parser, add_worker_parser
 
 
 def _run_parser(commands: Any) -> None:
@@ -23,6 +27,12 @@ def _run_parser(commands: Any) -> None:
         "Options not given come from --config, then from the suite's and the built-in defaults.",
         argument_default=argparse.SUPPRESS,
     )
+    add_run_options(run)
+    add_run_sweep_options(run)
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """The options of a run spec, shared by ``run`` and ``tune``."""
     run.add_argument("--config", help="YAML or TOML file with run options (flags override it)")
     run.add_argument("--methods", help="'all' (every native method) or a comma list; libmtl:<name> allowed")
     run.add_argument("--task", help=f"task suite: {', '.join(tasks.available())}")
@@ -33,15 +43,21 @@ def _run_parser(commands: Any) -> None:
     run.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer, the same for every method (default adam)")
     run.add_argument("--weight-decay", type=float, dest="weight_decay", help="weight decay (default 0)")
     run.add_argument("--scheduler", choices=SCHEDULERS, help="learning-rate schedule (default none)")
+    run.add_argument("--lr-step-size", type=int, dest="lr_step_size", help="step scheduler: epochs between decays (default 100)")
+    run.add_argument("--lr-gamma", type=float, dest="lr_gamma", help="step scheduler: learning-rate factor at each decay (default 0.5)")
     run.add_argument("--backbone", help="encoder: resnet18 (default), resnet50, densenet121")
     run.add_argument("--image-size", type=int, dest="image_size", help="task option: image side in pixels")
     run.add_argument("--data-dir", dest="data_dir", help="task option: where the data set lives")
+    run.add_argument("--subset", type=int, help="task option: train on a stratified subset of N images (0 = all)")
+    run.add_argument("--pretrained", help="task option: none, imagenet (local torch hub cache) or a weights file")
     run.add_argument("--task-opt", action="append", dest="task_opt", metavar="KEY=VALUE", help="any task option (repeatable)")
     run.add_argument("--hp", action="append", metavar="METHOD.NAME=VALUE", help="a method hyperparameter (repeatable), e.g. cagrad.calpha=0.4")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     run.add_argument("--results", help="directory for results, stores and summaries (default results/)")
     run.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default sqlite:///<results>/mlflow.db; MLFLOW_TRACKING_URI honoured)")
     run.add_argument("--no-checkpoint", dest="save_checkpoint", action="store_false", help="do not store the best checkpoint as an MLflow artifact")
+    run.add_argument("--grad-level", dest="grad_level", choices=GRAD_LEVELS, help="gradient methods weigh by per-task gradients of the shared parameters (default) or of the shared features (MGDA-UB)")
+    run.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass (CUDA only)")
 
 
 def _option_value(text: str) -> Any:
@@ -63,7 +79,7 @@ def flags_to_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     given.pop("command", None)
     config = load_config_file(given.pop("config")) if "config" in given else {}
     task_options: dict[str, Any] = {}
-    for key in ("image_size", "data_dir"):
+    for key in ("image_size", "data_dir", "subset", "pretrained"):
         if key in given:
             task_options[key] = given.pop(key)
     for key, value in parse_assignments(given.pop("task_opt", []), "--task-opt").items():
@@ -101,20 +117,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _run_parser(commands)
     commands.add_parser("list", help="list methods with their hyperparameters, and task suites with their options")
+    add_report_parser(commands)
+    add_profile_parser(commands)
+    add_run_options(add_tune_parser(commands))
+    add_worker_parser(commands)
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 120)
     if args.command == "list":
         list_command(console)
         return 0
+    if args.command == "profile":
+        return profile_command(args, console)
+    if args.command == "report":
+        return report_command(args, console, sys.argv[1:] if argv is None else argv)
+    if args.command == "tune":
+        from bench.tune import tune_command  # heavy imports (MLflow) only when running
+
+        return tune_command(args, console)
+    if args.command == "worker":
+        from bench.worker import worker_command
+
+        return worker_command(args, console)
     from bench.runner import run_sweep  # heavy imports (MLflow) only when running
 
     try:
+        options = StorageOptions.pop(args)
         spec = resolve_spec(*flags_to_layers(args))
     except (ValueError, TypeError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
     try:
-        results = run_sweep(spec, console)
+        results = run_sweep(spec, console, options)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the current run is marked KILLED; the store is readable[/]")
         return 130

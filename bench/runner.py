@@ -1,4 +1,9 @@
-"""A sweep: every (method, seed) of a run spec, then the summary table and files."""
+"""A sweep: every (method, seed) of a run spec, then the summary table and files.
+
+Run in this process, cell after cell, or shared through an Optuna storage by any number of
+workers (:mod:`bench.grid`). Either way each run is crash-safe (:mod:`bench.resume`): the
+same command run again reuses finished runs and continues unfinished ones.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import math
 import statistics
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,35 +21,88 @@ from rich.console import Console
 from rich.table import Table
 
 import tasks
+from bench.grid import cell_spec, grid_results, prepare_grid, tuned_tags
 from bench.spec import RunSpec
+from bench.studies import (
+    DEFAULT_HEARTBEAT_SECONDS,
+    default_storage,
+    masked,
+    open_storage,
+)
+from bench.sweep_cli import StorageOptions
 from bench.tracking import Tracker
 from bench.train import RunResult, train_run
+from bench.tune import TunedSetting, tuned_settings
+from bench.worker import run_workers
 
 
-def run_sweep(spec: RunSpec, console: Console) -> list[RunResult]:
+def run_sweep(spec: RunSpec, console: Console, options: StorageOptions | None = None) -> list[RunResult]:
     """Train every method of ``spec`` with every seed; always write the summary.
 
     A run that fails (non-finite loss, or an error) is recorded as FAILED and the sweep goes
-    on; Ctrl-C stops the sweep after recording the interrupted run as KILLED.
+    on; Ctrl-C stops the sweep after recording the interrupted run as KILLED. With
+    ``options.shared`` the grid is shared through the Optuna storage by this process, the
+    ``options.workers - 1`` worker processes it starts and any that join; with
+    ``options.tuned`` each method trains with the settings of its best tuning trial there.
     """
+    options = options or StorageOptions(None, None, DEFAULT_HEARTBEAT_SECONDS, False)
     suite = tasks.create(spec.task, **spec.task_options)
+    url = options.storage or default_storage(spec.results)
+    tuned = tuned_settings(url, spec.task, spec.methods) if options.tuned else {}
+    if options.shared:
+        open_storage(url)  # connect before anything is written
+    # Opening the tracker creates the MLflow experiment before any worker starts.
     with Tracker(spec.tracking_uri, spec.task, spec.results) as tracker:
-        return _run_cells(spec, suite, tracker, console)
+        if not options.shared:
+            return _run_cells(spec, suite, tracker, console, tuned)
+    shared = prepare_grid(url, spec, suite, tuned, options.heartbeat)
+    _print_header(spec, suite, console)
+    console.print(f"grid {shared.name} in {masked(url)}: {options.workers or 1} worker process(es) here")
+    try:
+        run_workers(url, [shared.name], options.workers or 1, spec.results, console)
+    finally:
+        results = grid_results(shared, spec)
+        _print_summary(spec, suite, results, tuned, console)
+    return results
 
 
-def _run_cells(spec: RunSpec, suite: tasks.TaskSuite, tracker: Tracker, console: Console) -> list[RunResult]:
+def _print_header(spec: RunSpec, suite: tasks.TaskSuite, console: Console) -> None:
     console.print(
         f"[bold]{spec.task}[/]: {suite.n_tasks} tasks, "
         + ", ".join(f"{k} {len(v)}" for k, v in suite.splits().items())  # type: ignore[arg-type]
         + f"; {len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) on {spec.device}; "
         f"tracking at {spec.tracking_uri}"
     )
+
+
+def _print_summary(
+    spec: RunSpec,
+    suite: tasks.TaskSuite,
+    results: Sequence[RunResult],
+    tuned: Mapping[str, TunedSetting],
+    console: Console,
+) -> None:
+    paths = write_summary(spec, suite.primary_metric, results, tuned)
+    console.print(summary_table(spec.task, suite.primary_metric, results))
+    console.print(f"summary: {paths[0]} and {paths[1]}; runs in MLflow at {spec.tracking_uri}")
+
+
+def _run_cells(
+    spec: RunSpec,
+    suite: tasks.TaskSuite,
+    tracker: Tracker,
+    console: Console,
+    tuned: Mapping[str, TunedSetting],
+) -> list[RunResult]:
+    _print_header(spec, suite, console)
     results: list[RunResult] = []
     try:
         for method in spec.methods:
             for seed in spec.seeds:
                 try:
-                    result = train_run(spec, suite, method, seed, tracker)
+                    result = train_run(
+                        cell_spec(spec, method, tuned), suite, method, seed, tracker, tags=tuned_tags(tuned, method)
+                    )
                 except KeyboardInterrupt:
                     results.append(RunResult(method, seed, "KILLED", reason="interrupted (Ctrl-C)"))
                     raise
@@ -57,9 +115,7 @@ def _run_cells(spec: RunSpec, suite: tasks.TaskSuite, tracker: Tracker, console:
                     console.print(f"[yellow]{method} seed {seed}: FAILED: {result.reason}[/]")
                 results.append(result)
     finally:
-        paths = write_summary(spec, suite.primary_metric, results)
-        console.print(summary_table(spec.task, suite.primary_metric, results))
-        console.print(f"summary: {paths[0]} and {paths[1]}; runs in MLflow at {spec.tracking_uri}")
+        _print_summary(spec, suite, results, tuned, console)
     return results
 
 
@@ -111,8 +167,14 @@ def summary_table(task: str, primary_metric: str, results: Sequence[RunResult]) 
     return table
 
 
-def write_summary(spec: RunSpec, primary_metric: str, results: Sequence[RunResult]) -> tuple[Path, Path]:
-    """``<results>/summary-<task>.csv`` (one row per run) and ``.json`` (spec, runs, per method)."""
+def write_summary(
+    spec: RunSpec,
+    primary_metric: str,
+    results: Sequence[RunResult],
+    tuned: Mapping[str, TunedSetting] | None = None,
+) -> tuple[Path, Path]:
+    """``<results>/summary-<task>.csv`` (one row per run) and ``.json`` (spec, tuned settings
+    per method with ``--tuned``, runs, per method)."""
     spec.results.mkdir(parents=True, exist_ok=True)
     csv_path = spec.results / f"summary-{spec.task}.csv"
     json_path = spec.results / f"summary-{spec.task}.json"
@@ -127,6 +189,7 @@ def write_summary(spec: RunSpec, primary_metric: str, results: Sequence[RunResul
         json.dumps(
             {
                 "spec": spec.to_dict(),
+                "tuned": {m: asdict(s) for m, s in (tuned or {}).items()},
                 "primary_metric": primary_metric,
                 "runs": [asdict(r) for r in results],
                 "methods": aggregate(primary_metric, results),

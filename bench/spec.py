@@ -20,10 +20,11 @@ import yaml
 
 import methods
 import tasks
+from bench.step import GRAD_LEVELS
 from methods.base import resolve_hparams
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULERS = ("none", "cosine")
+SCHEDULERS = ("none", "cosine", "step")
 
 RUN_DEFAULTS: dict[str, Any] = {
     "methods": "all",
@@ -34,11 +35,15 @@ RUN_DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "weight_decay": 0.0,
     "scheduler": "none",
+    "lr_step_size": 100,
+    "lr_gamma": 0.5,
     "backbone": "resnet18",
     "device": None,
     "results": "results",
     "tracking_uri": None,
     "save_checkpoint": True,
+    "grad_level": "parameters",
+    "amp": False,
 }
 """Defaults for every key except ``task``; a suite may override some (``TaskSuite.run_defaults``)."""
 
@@ -63,6 +68,14 @@ class RunSpec:
     save_checkpoint: bool
     task_options: dict[str, Any] = field(default_factory=dict)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lr_step_size: int = 100
+    """``step`` scheduler: epochs between two decays (LibMTL's default)."""
+    lr_gamma: float = 0.5
+    """``step`` scheduler: factor applied to the learning rate at each decay (LibMTL's default)."""
+    grad_level: str = "parameters"
+    """Where gradient methods take per-task gradients: ``parameters`` or ``features`` (:mod:`bench.step`)."""
+    amp: bool = False
+    """bf16 autocast of the forward pass (CUDA only); Gramian, solvers and weights stay float32."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (for YAML, MLflow params and the summary)."""
@@ -210,6 +223,10 @@ def resolve_spec(
         raise ValueError(f"--optimizer {values['optimizer']!r}: valid: {', '.join(OPTIMIZERS)}")
     if values["scheduler"] not in SCHEDULERS:
         raise ValueError(f"--scheduler {values['scheduler']!r}: valid: {', '.join(SCHEDULERS)}")
+    lr_step_size = _positive_int(values["lr_step_size"], "--lr-step-size")
+    lr_gamma = _number(values["lr_gamma"], "--lr-gamma")
+    if not 0 < lr_gamma <= 1:
+        raise ValueError(f"--lr-gamma: expected a number in (0, 1], got {lr_gamma}")
 
     device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -218,6 +235,15 @@ def resolve_spec(
         raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
     if parsed_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+    grad_level = values["grad_level"]
+    if grad_level not in GRAD_LEVELS:
+        raise ValueError(f"--grad-level {grad_level!r}: valid: {', '.join(GRAD_LEVELS)}")
+    if grad_level == "features" and any(m.startswith(methods.registry.LIBMTL_PREFIX) for m in chosen_methods):
+        raise ValueError("--grad-level features is for native methods; libmtl: methods run at parameter level only")
+    amp = bool(values["amp"])
+    if amp and parsed_device.type != "cuda":
+        raise ValueError(f"--amp needs a CUDA device (bf16 autocast); this run is on {parsed_device}")
 
     hparams = {m: dict(v) for m, v in (values.get("hparams") or {}).items()}
     for method, given in hparams.items():
@@ -254,4 +280,8 @@ def resolve_spec(
         save_checkpoint=bool(values["save_checkpoint"]),
         task_options=dict(values.get("task_options") or {}),
         hparams=hparams,
+        lr_step_size=lr_step_size,
+        lr_gamma=lr_gamma,
+        grad_level=grad_level,
+        amp=amp,
     )

@@ -20,7 +20,8 @@ import mlflow
 import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
+from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "libmtl")
@@ -115,12 +116,41 @@ class Tracker:
         else:
             self.experiment_id = experiment.experiment_id
 
-    def start_run(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """Start a run with its params and tags; return its id."""
-        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
-        mlflow.log_params(flatten(params))
+    def start_run(
+        self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None
+    ) -> str:
+        """Start a run with its params and tags, or continue run ``run_id``; return its id.
+
+        A continued run keeps the params it has and receives only those it lacks (MLflow
+        refuses to change a logged param).
+        """
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        else:
+            run = mlflow.start_run(run_id=run_id)
+        logged = run.data.params
+        mlflow.log_params({k: v for k, v in flatten(params).items() if k not in logged})
         mlflow.set_tags(dict(tags))
         return run.info.run_id
+
+    def find_run(self, tag: str, value: str) -> Run | None:
+        """The latest run of the experiment (not deleted) whose tag ``tag`` is ``value``."""
+        runs = MlflowClient(self.tracking_uri).search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{tag}` = '{value}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        mlflow.set_tags(dict(tags))
+
+    def logged_steps(self, metric: str) -> set[int]:
+        """The steps at which the active run has a value of ``metric``."""
+        run = mlflow.active_run()
+        assert run is not None, "no active run"
+        return {m.step for m in MlflowClient(self.tracking_uri).get_metric_history(run.info.run_id, metric)}
 
     def log_data_identity(self, identity: Mapping[str, Any]) -> None:
         """Each split as an MLflow input: name, size and the sha256 of its item ids."""

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -27,11 +25,27 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import methods
+from bench.resume import EpochCheckpoint, FitProgress, capture_rng, restore_rng, run_key
 from bench.spec import RunSpec
+from bench.step import seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
 from bench.tracking import Tracker, environment_tags
 from methods.base import EpochStats
+from methods.engine import check_finite_losses
 from tasks.base import TaskSuite
+
+RUN_KEY_TAG = "run_key"
+"""MLflow tag holding a run's key (:func:`bench.resume.run_key`)."""
+DIVERGED_TAG = "diverged"
+"""MLflow tag ``"true"`` on a run that ended FAILED by a non-finite loss: a result, not a crash."""
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` callback to end a run early (e.g. a pruned tuning trial).
+
+    The run ends KILLED in MLflow with the exception's message as the reason, its epoch
+    checkpoint is removed, and the exception propagates to the caller of :func:`train_run`.
+    """
 
 
 @dataclass
@@ -55,14 +69,6 @@ class RunResult:
     """FAILED by an error other than a non-finite loss (a bug or bad data, not a divergence)."""
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch; make CPU kernels deterministic."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def make_optimizer(spec: RunSpec, params: Iterable[Tensor]) -> torch.optim.Optimizer:
     """The spec's optimizer over ``params`` (model and method parameters alike)."""
     params = list(params)
@@ -75,20 +81,19 @@ def make_optimizer(spec: RunSpec, params: Iterable[Tensor]) -> torch.optim.Optim
     return torch.optim.SGD(params, lr=spec.lr, momentum=0.9, weight_decay=spec.weight_decay)
 
 
-def method_hparams(spec: RunSpec, suite: TaskSuite, method: str, seed: int) -> dict[str, Any]:
-    """The spec's hyperparameters for ``method``, plus what the harness supplies.
+def make_scheduler(spec: RunSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The spec's learning-rate schedule, stepped once per epoch: cosine to 0 over the run, or
+    ``lr * lr_gamma ** (epoch // lr_step_size)`` (StepLR, LibMTL's ``step``), or none."""
+    if spec.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
+    if spec.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=spec.lr_step_size, gamma=spec.lr_gamma)
+    return None
 
-    The harness fills in, unless given: ``seed`` (methods with a random element get the run's
-    seed) and ``prevalence`` (DeepChest's ``init=prevalence`` reads the training split's rates).
-    """
-    given = spec.method_hparams(method)
-    declared = {h.name for h in methods.hparams(method)}
-    if "seed" in declared:
-        given.setdefault("seed", seed)
-    prevalence = suite.prevalence()
-    if "prevalence" in declared and prevalence is not None:
-        given.setdefault("prevalence", tuple(prevalence))
-    return given
+
+def method_hparams(spec: RunSpec, suite: TaskSuite, method: str, seed: int) -> dict[str, Any]:
+    """The spec's hyperparameters for ``method``, plus what the harness supplies (:func:`supplied_hparams`)."""
+    return supplied_hparams(spec.method_hparams(method), suite, method, seed)
 
 
 def _concat(chunks: list[Any]) -> Any:
@@ -112,13 +117,14 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Any, Any]:
-    """Model outputs and targets over a whole split, on the CPU."""
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, suite: TaskSuite) -> tuple[Any, Any]:
+    """Model outputs and targets over a whole split, on the CPU, as ``suite.evaluation_record`` keeps them."""
     model.eval()
     outputs, targets = [], []
     for x, y in loader:
-        outputs.append(_to(model(_to(x, device)), torch.device("cpu")))
-        targets.append(y)
+        kept_outputs, kept_targets = suite.evaluation_record(model(_to(x, device)), _to(y, device))
+        outputs.append(_to(kept_outputs, torch.device("cpu")))
+        targets.append(_to(kept_targets, torch.device("cpu")))
     model.train()
     return _concat(outputs), _concat(targets)
 
@@ -165,11 +171,29 @@ def _prediction_rows(suite: TaskSuite, outputs: Any, targets: Any) -> list[dict[
     return rows
 
 
-def train_run(spec: RunSpec, suite: TaskSuite, method_name: str, seed: int, tracker: Tracker) -> RunResult:
+def train_run(
+    spec: RunSpec,
+    suite: TaskSuite,
+    method_name: str,
+    seed: int,
+    tracker: Tracker,
+    *,
+    run_name: str | None = None,
+    identity: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> RunResult:
     """Train ``method_name`` with ``seed`` on ``suite``; log everything; return the result.
 
     A non-finite loss ends the run as FAILED (the reason logged) and returns; Ctrl-C ends it
     as KILLED and re-raises; any other error ends it as FAILED and re-raises.
+
+    Runs are crash-safe (:mod:`bench.resume`): if this MLflow experiment holds a run with the
+    same key (configuration and ``identity``) that finished or diverged, its result is
+    returned without training; an unfinished one continues from its last epoch checkpoint in
+    the same MLflow run. ``run_name`` and ``tags`` label the MLflow run. ``on_epoch(epoch,
+    value)`` is called after each epoch (on resume also for the epochs done before) with the
+    validation value of the primary metric; it may raise :class:`StopTraining`.
     """
     seed_everything(seed)
     device = torch.device(spec.device)
@@ -177,14 +201,25 @@ def train_run(spec: RunSpec, suite: TaskSuite, method_name: str, seed: int, trac
     hparams = method_hparams(spec, suite, method_name, seed)
     method = methods.create(method_name, suite.n_tasks, **hparams).to(device)
     optimizer = make_optimizer(spec, [*model.parameters(), *method.parameters()])
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
-        if spec.scheduler == "cosine"
-        else None
-    )
+    scheduler = make_scheduler(spec, optimizer)
     loaders = _loaders(spec, suite, seed)
     shared = model.shared_parameters()
     names = suite.task_names
+
+    key = run_key(_run_config(spec, suite, method, seed), identity)
+    checkpoint = EpochCheckpoint(spec.results, key)
+    earlier = tracker.find_run(RUN_KEY_TAG, key)
+    if earlier is not None and (
+        earlier.info.status == "FINISHED" or earlier.data.tags.get(DIVERGED_TAG) == "true"
+    ):
+        checkpoint.remove()
+        tqdm.write(f"{method_name} seed {seed}: done earlier in MLflow run {earlier.info.run_id}; not trained again")
+        return result_from_run(earlier, method_name, seed, suite.primary_metric)
+    saved = None
+    if earlier is not None:
+        saved = checkpoint.load()
+        if saved is not None and saved["run_id"] != earlier.info.run_id:
+            saved = None  # left by a run that MLflow no longer holds
 
     params = {
         **{k: v for k, v in spec.to_dict().items() if k not in ("methods", "seeds", "hparams", "task_options")},
@@ -194,20 +229,44 @@ def train_run(spec: RunSpec, suite: TaskSuite, method_name: str, seed: int, trac
         "task_options": suite.config(),
         "primary_metric": suite.primary_metric,
     }
-    run_id = tracker.start_run(f"{method_name}-seed{seed}", params, environment_tags(spec.device))
+    run_id = tracker.start_run(
+        run_name or f"{method_name}-seed{seed}" + ("-features" if spec.grad_level == "features" else ""),
+        params,
+        {**environment_tags(spec.device), **(tags or {}), RUN_KEY_TAG: key},
+        run_id=None if earlier is None else earlier.info.run_id,
+    )
     result = RunResult(method=method_name, seed=seed, status="RUNNING", run_id=run_id)
+    progress = FitProgress()
     try:
         tracker.log_data_identity(suite.identity())
         with tempfile.TemporaryDirectory() as scratch:
             config_path = Path(scratch) / "config.yaml"
             config_path.write_text(yaml.safe_dump(_run_config(spec, suite, method, seed), sort_keys=False))
             tracker.log_artifact(config_path)
-        _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result)
+        if saved is not None:
+            modules = _resumable(model, method, optimizer, scheduler)
+            progress = checkpoint.restore(saved, modules, loaders["train"].generator)
+            tqdm.write(f"{method_name} seed {seed}: resuming after epoch {progress.epochs_done} of {spec.epochs}")
+            last_epoch = progress.epochs_done - 1
+            if last_epoch not in tracker.logged_steps("time/step_ms"):
+                tracker.log_metrics(progress.last_epoch_metrics, step=last_epoch)
+            for epoch, value in enumerate(progress.primary_values):
+                if on_epoch is not None:
+                    on_epoch(epoch, value)
+        _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result,
+             progress, checkpoint, on_epoch)
         _test(spec, suite, model, loaders["test"], device, tracker, result)
     except methods.NonFiniteLossError as error:
         result.status, result.reason = "FAILED", str(error)
+        tracker.set_tags({DIVERGED_TAG: "true"})
         tracker.end_run("FAILED", str(error))
+        checkpoint.remove()
         return result
+    except StopTraining as stop:
+        result.status, result.reason = "KILLED", str(stop)
+        tracker.end_run("KILLED", result.reason)
+        checkpoint.remove()
+        raise
     except KeyboardInterrupt:
         result.status, result.reason = "KILLED", "interrupted (Ctrl-C)"
         tracker.end_run("KILLED", result.reason)
@@ -218,7 +277,43 @@ def train_run(spec: RunSpec, suite: TaskSuite, method_name: str, seed: int, trac
         raise
     result.status = "FINISHED"
     tracker.end_run("FINISHED")
+    checkpoint.remove()
     return result
+
+
+def _resumable(
+    model: nn.Module, method: methods.Method, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """What an epoch checkpoint saves and restores through ``state_dict``."""
+    return {"model": model, "method": method, "optimizer": optimizer, "scheduler": scheduler}
+
+
+def result_from_run(run: Any, method: str, seed: int, primary_metric: str) -> RunResult:
+    """The :class:`RunResult` of an MLflow run that :func:`train_run` logged, read back.
+
+    The inverse of what the run logs at its end: ``test/<metric>``, and
+    ``summary/<phase>_ms``, ``summary/step_ms``, memory, seconds, best epoch and value.
+    """
+    metrics, tags = run.data.metrics, run.data.tags
+    summary = {k.removeprefix("summary/"): v for k, v in metrics.items() if k.startswith("summary/")}
+    best_epoch = summary.get("best_epoch")
+    return RunResult(
+        method=method,
+        seed=seed,
+        status=run.info.status,
+        run_id=run.info.run_id,
+        reason=tags.get("failure_reason"),
+        best_epoch=None if best_epoch is None else int(best_epoch),
+        best_val=summary.get(f"best_val_{primary_metric}"),
+        test={k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")},
+        ms_per_step={
+            k.removesuffix("_ms"): v for k, v in summary.items() if k.endswith("_ms") and k != "step_ms"
+        },
+        step_ms=summary.get("step_ms"),
+        peak_memory_mb=summary.get("peak_memory_mb"),
+        peak_memory_increase_mb=summary.get("peak_memory_increase_mb"),
+        train_seconds=summary.get("train_seconds"),
+    )
 
 
 def _run_config(spec: RunSpec, suite: TaskSuite, method: methods.Method, seed: int) -> dict[str, Any]:
@@ -249,17 +344,36 @@ def _fit(
     names: tuple[str, ...],
     tracker: Tracker,
     result: RunResult,
+    progress: FitProgress,
+    checkpoint: EpochCheckpoint,
+    on_epoch: Callable[[int, float], None] | None,
 ) -> None:
+    """Train the epochs after ``progress.epochs_done``; after each, write the epoch checkpoint,
+    then log the epoch, then call ``on_epoch``."""
     device = torch.device(spec.device)
     timer = PhaseTimer(device)
+    # The NaN check reads the losses on the host: free on a CPU, a synchronisation per step on
+    # a GPU, where it is done once per epoch instead.
+    check_each_step = device.type != "cuda"
     maximize = suite.primary_direction == "maximize"
-    best_value = -math.inf if maximize else math.inf
-    best_state: dict[str, Any] | None = None
-    totals: dict[str, float] = {}
-    total_steps = 0
-    peak = peak_increase = 0.0
-    started = time.perf_counter()
-    epochs = tqdm(range(spec.epochs), desc=f"{result.method} seed {result.seed}", unit="epoch", disable=None)
+    best_value = progress.best_value
+    if best_value is None:
+        best_value = -math.inf if maximize else math.inf
+    best_state = progress.best_state
+    result.best_epoch = progress.best_epoch
+    totals = dict(progress.phase_ms_totals)
+    total_steps = progress.steps
+    peak, peak_increase = progress.peak_memory_mb, progress.peak_memory_increase_mb
+    started = time.perf_counter() - progress.train_seconds
+    loader_generator = loaders["train"].generator
+    epochs = tqdm(
+        range(progress.epochs_done, spec.epochs),
+        initial=progress.epochs_done,
+        total=spec.epochs,
+        desc=f"{result.method} seed {result.seed}",
+        unit="epoch",
+        disable=None,
+    )
     for epoch in epochs:
         loss_sum = torch.zeros(suite.n_tasks, device=device)
         weight_sum = torch.zeros(suite.n_tasks, device=device)
@@ -272,29 +386,26 @@ def _fit(
                 batch = next(batches, None)
                 if batch is None:
                     break
-                x, y = _to(batch[0], device), _to(batch[1], device)
-            with timer("forward"):
-                outputs = model(x)
-                losses = suite.losses(outputs, y)
-            weights = method.backward(losses, shared, timer=timer)
-            with timer("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.zero_grad(set_to_none=True)
-            timer.step()
+                x, y = suite.augment(_to(batch[0], device), _to(batch[1], device))
+            outputs, losses, weights = training_step(
+                model, suite, method, optimizer, x, y, shared, timer,
+                grad_level=spec.grad_level, amp=spec.amp, check_finite=check_each_step,
+            )  # fmt: skip
             steps += 1
-            loss_sum += losses.detach()
+            loss_sum += losses
             weight_sum += weights
             correct += suite.correct(outputs.detach() if isinstance(outputs, Tensor) else outputs, y)
             seen += x.shape[0]
         timing = timer.epoch()
+        if not check_each_step:  # one check per epoch: a NaN anywhere propagates into the sum
+            check_finite_losses(method.name, loss_sum)
         train_loss = (loss_sum / max(steps, 1)).cpu()
         train_accuracy = (correct / max(seen, 1)).cpu()
         method.epoch_end(EpochStats(train_loss=train_loss, train_accuracy=train_accuracy))
         if scheduler is not None:
             scheduler.step()
 
-        val_outputs, val_targets = predict(model, loaders["val"], device)
+        val_outputs, val_targets = predict(model, loaders["val"], device, suite)
         val_metrics = suite.evaluate(val_outputs, val_targets)
         value = val_metrics[suite.primary_metric]
         improved = value > best_value if maximize else value < best_value
@@ -315,15 +426,34 @@ def _fit(
             "memory/peak_mb": timing.peak_memory_mb,
             "memory/peak_increase_mb": timing.peak_memory_increase_mb,
         }
-        tracker.log_metrics(metrics, step=epoch)
-        epochs.set_postfix({suite.primary_metric: f"{value:.4f}", "ms/step": f"{timing.step_ms:.0f}"})
         for phase, ms in timing.ms_per_step.items():
             totals[phase] = totals.get(phase, 0.0) + ms * timing.steps
         total_steps += timing.steps
         peak = max(peak, timing.peak_memory_mb)
         peak_increase = max(peak_increase, timing.peak_memory_increase_mb)
+        progress = FitProgress(
+            epochs_done=epoch + 1,
+            best_value=best_value,
+            best_epoch=result.best_epoch,
+            best_state=best_state,
+            phase_ms_totals=dict(totals),
+            steps=total_steps,
+            peak_memory_mb=peak,
+            peak_memory_increase_mb=peak_increase,
+            train_seconds=time.perf_counter() - started,
+            primary_values=[*progress.primary_values, value],
+            last_epoch_metrics=metrics,
+        )
+        rng = capture_rng(loader_generator)
+        checkpoint.save(result.run_id or "", progress, _resumable(model, method, optimizer, scheduler), rng)
+        tracker.log_metrics(metrics, step=epoch)
+        # The next epoch starts from the random state just saved, whether resumed or not.
+        restore_rng(rng, loader_generator)
+        epochs.set_postfix({suite.primary_metric: f"{value:.4f}", "ms/step": f"{timing.step_ms:.0f}"})
+        if on_epoch is not None:
+            on_epoch(epoch, value)
 
-    result.train_seconds = time.perf_counter() - started
+    result.train_seconds = progress.train_seconds
     result.best_val = best_value
     result.ms_per_step = {phase: total / max(total_steps, 1) for phase, total in totals.items()}
     result.step_ms = sum(result.ms_per_step.get(p, 0.0) for p in STEP_PHASES)
@@ -357,7 +487,7 @@ def _test(
     tracker: Tracker,
     result: RunResult,
 ) -> None:
-    outputs, targets = predict(model, loader, device)
+    outputs, targets = predict(model, loader, device, suite)
     result.test = suite.evaluate(outputs, targets)
     tracker.log_metrics(_prefixed("test", result.test))
     rows = _prediction_rows(suite, outputs, targets)

@@ -196,19 +196,23 @@ class Method(nn.Module):
         losses: Tensor,
         shared_params: Sequence[Tensor] | Iterator[Tensor],
         *,
+        features: Tensor | None = None,
+        check_finite: bool = True,
         timer: Any = None,
     ) -> Tensor:
         """Back-propagate ``losses`` [T] as this method prescribes; return the weights used.
 
         After the call, the ``.grad`` of every shared parameter has received the method's
         combined gradient (added to what it held, as autograd does) and every other parameter
-        reached by the losses the gradient the method prescribes. ``timer``, if given, is a
-        callable ``timer(phase)`` returning a context manager; phases are ``"gradients"`` and
-        ``"weighting"``.
+        reached by the losses the gradient the method prescribes. ``features`` (the shared
+        representation) switches gradient methods to the feature-level Gramian;
+        ``check_finite=False`` skips the NaN check (see :func:`methods.engine.backward`).
+        ``timer``, if given, is a callable ``timer(phase)`` returning a context manager; phases
+        are ``"gradients"`` and ``"weighting"``.
         """
         from methods.engine import backward
 
-        return backward(self, losses, shared_params, timer=timer)
+        return backward(self, losses, shared_params, features=features, check_finite=check_finite, timer=timer)
 
     def extra_repr(self) -> str:
         values = ", ".join(f"{k}={v!r}" for k, v in self.hparam_values.items())

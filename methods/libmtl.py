@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from methods import cagrad, ew, gradnorm, mgda, pcgrad, uw
 from methods.base import EpochStats, HParam, Method
@@ -148,9 +148,16 @@ class LibMTLMethod(Method):
         losses: Tensor | Sequence[Tensor],
         shared_params: Iterable[Tensor],
         *,
+        features: Tensor | None = None,
+        check_finite: bool = True,
         timer: PhaseTimer | None = None,
     ) -> Tensor:
-        losses = checked_losses(self, losses)
+        if features is not None:
+            raise ValueError(
+                f"{self.name} runs LibMTL's parameter-level gradients only; the feature-level mode "
+                "(--grad-level features) is for native methods"
+            )
+        losses = checked_losses(self, losses, check_finite=check_finite)
         shared = checked_params(shared_params)
         check_device(self, losses)
         if self.host.epoch == 0:
@@ -174,6 +181,19 @@ class LibMTLMethod(Method):
             mean = (self.first_epoch_loss_sum / self.first_epoch_steps).cpu().numpy()
             self.host.train_loss_buffer[:, 0] = mean
         self.host.epoch += 1
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What LibMTL's classes and this wrapper keep outside tensors (saved in ``state_dict``)."""
+        return {
+            "epoch": self.host.epoch,
+            "first_epoch_steps": self.first_epoch_steps,
+            "train_loss_buffer": self.host.train_loss_buffer.tolist(),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.host.epoch = state["epoch"]
+        self.first_epoch_steps = state["first_epoch_steps"]
+        self.host.train_loss_buffer = np.array(state["train_loss_buffer"])
 
 
 def libmtl_class(short_name: str) -> type[Method]:

@@ -7,11 +7,12 @@
     model = suite.build_model("resnet18")
 """
 
-from tasks import cxr14_synthetic  # noqa: F401  (registers "cxr14-synthetic")
+from tasks import chestmnist, cxr14, cxr14_synthetic  # noqa: F401  (register "chestmnist", "cxr14", "cxr14-synthetic")
+from tasks import nyuv2, nyuv2_synthetic  # noqa: F401  (register "nyuv2", "nyuv2-synthetic")
 from tasks.base import SPLIT_NAMES, MultiTaskModel, TaskSuite
 from tasks.models import BACKBONES, build_encoder
 from tasks.multilabel import ImageLabelDataset, MultiLabelModel, MultiLabelSuite
-from tasks.registry import OptionInfo, available, create, options, register, run_defaults
+from tasks.registry import OptionInfo, available, create, options, register, run_defaults, suite_class
 
 __all__ = [
     "BACKBONES",
@@ -28,4 +29,5 @@ __all__ = [
     "options",
     "register",
     "run_defaults",
+    "suite_class",
 ]

@@ -22,9 +22,10 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 class MultiTaskModel(nn.Module):
     """A shared encoder followed by one head per task (hard parameter sharing).
 
-    ``forward(x)`` runs the encoder once and every head on its features; the heads' outputs
-    are combined by :meth:`combine` (a list by default; suites whose heads all emit one
-    logit override it to return a ``[B, T]`` tensor).
+    ``forward(x)`` runs the encoder once and every head on its features (:meth:`decode`); the
+    heads' outputs are combined by :meth:`combine` (a list by default; suites whose heads all
+    emit one logit override it to return a ``[B, T]`` tensor). Models whose heads need more
+    than the features (e.g. the input size, to upsample) override :meth:`decode`.
     """
 
     def __init__(self, encoder: nn.Module, heads: nn.ModuleList) -> None:
@@ -36,7 +37,19 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         """Encode ``x`` once and apply every task head to the shared features."""
+        return self.forward_with_features(x)[0]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The model's output and the shared representation ``z = encoder(x)`` the heads read.
+
+        The feature-level gradient mode weighs tasks by the gradients of the losses with
+        respect to ``z``.
+        """
         features = self.encoder(x)
+        return self.decode(x, features), features
+
+    def decode(self, x: torch.Tensor, features: torch.Tensor) -> Any:
+        """Every head applied to the shared ``features``, combined (``x`` is the model's input)."""
         return self.combine([head(features) for head in self.heads])
 
     def combine(self, head_outputs: list[torch.Tensor]) -> Any:
@@ -107,6 +120,35 @@ class TaskSuite(ABC):
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """The suite's options (as passed to :func:`tasks.create`, defaults filled in), for logging."""
+
+    def task_metrics(self) -> dict[str, tuple[str, ...]]:
+        """For each task, the keys of :meth:`evaluate` that measure it (used by Delta_m).
+
+        The default is each task's own primary per-task metric, ``<primary>/<task>``, for
+        suites whose primary metric is a mean over tasks named ``mean_<primary>``; suites
+        with several metrics per task (e.g. NYUv2) override it.
+        """
+        metric = self.primary_metric.removeprefix("mean_")
+        return {task: (f"{metric}/{task}",) for task in self.task_names}
+
+    def augment(self, x: Any, targets: Any) -> tuple[Any, Any]:
+        """Random training augmentation of one batch already on the training device.
+
+        Called on every training batch (never on validation or test batches), after it is
+        moved to the device, inside the timed ``data`` phase; randomness comes from torch's
+        global generator, which the harness seeds per run. The default changes nothing.
+        """
+        return x, targets
+
+    def evaluation_record(self, outputs: Any, targets: Any) -> tuple[Any, Any]:
+        """What :meth:`evaluate` needs of one evaluated batch: ``(outputs, targets)`` to keep.
+
+        The harness applies it to every batch of a split on the device, keeps the result on
+        the CPU and hands :meth:`evaluate` the concatenation. The default keeps both as they
+        are; dense-prediction suites keep a smaller form with the same metrics (e.g. predicted
+        classes instead of class scores) so that a whole split fits in memory.
+        """
+        return outputs, targets
 
     def prevalence(self) -> list[float] | None:
         """Positive rate of each task in the train split for binary suites; ``None`` otherwise."""

@@ -30,37 +30,19 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from tasks.base import SPLIT_NAMES
+from tasks.checks import check_integer, check_real
 from tasks.multilabel import ImageLabelDataset, MultiLabelSuite
+from tasks.nih import FINDINGS, ChestXray14Metadata, assign_patients, check_patient_disjoint, read_data_entry, sample_split
 from tasks.registry import register
-
-FINDINGS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
-"""The 14 ChestX-ray14 findings, in the data set's customary order ("No Finding" is no task)."""
 
 METADATA_FILE = "Data_Entry_2017_v2020.csv.gz"
 
@@ -140,112 +122,19 @@ def metadata_path() -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class ChestXray14Metadata:
-    """The ChestX-ray14 table, one entry per image, in table order.
-
-    Attributes:
-        image_ids: ``Image Index`` file names.
-        patient_ids: ``Patient ID`` numbers.
-        labels: uint8 ``[N, 14]``, 1 where the finding of :data:`FINDINGS` is present.
-    """
-
-    image_ids: np.ndarray
-    patient_ids: np.ndarray
-    labels: np.ndarray
-
-
 @functools.lru_cache(maxsize=1)
 def load_metadata() -> ChestXray14Metadata:
     """Read and parse the table of :func:`metadata_path` (cached; the arrays are read-only)."""
-    path = metadata_path()
-    table = pd.read_csv(path, usecols=["Image Index", "Finding Labels", "Patient ID"])
-    codes, combinations = pd.factorize(table["Finding Labels"])
-    combination_labels = np.zeros((len(combinations), len(FINDINGS)), dtype=np.uint8)
-    known = set(FINDINGS) | {"No Finding"}
-    for row, combination in enumerate(combinations):
-        for finding in combination.split("|"):
-            if finding not in known:
-                raise ValueError(f"{path} holds an unknown finding {finding!r}; expected one of {sorted(known)}")
-            if finding != "No Finding":
-                combination_labels[row, FINDINGS.index(finding)] = 1
-    metadata = ChestXray14Metadata(
-        image_ids=table["Image Index"].to_numpy(dtype=object),
-        patient_ids=table["Patient ID"].to_numpy(dtype=np.int64),
-        labels=combination_labels[codes],
-    )
+    metadata = read_data_entry(metadata_path())
     for array in (metadata.image_ids, metadata.patient_ids, metadata.labels):
         array.flags.writeable = False
     return metadata
-
-
-def _check_integer(option: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
-        raise ValueError(f"{option} must be an integer in [{low}, {high}], got {value!r}")
-    return int(value)
-
-
-def _check_real(option: str, value: Any, low: float, high: float) -> float:
-    """Check ``low < value < high`` (open interval)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low < value < high:
-        raise ValueError(f"{option} must be a number in the open interval ({low}, {high}), got {value!r}")
-    return float(value)
 
 
 def _split_sizes(n_images: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
     n_val = round(n_images * val_fraction)
     n_test = round(n_images * test_fraction)
     return {"train": n_images - n_val - n_test, "val": n_val, "test": n_test}
-
-
-def _assign_patients(
-    patient_ids: np.ndarray, val_fraction: float, test_fraction: float, data_seed: int
-) -> np.ndarray:
-    """Split index (0 train, 1 val, 2 test) of every table row, patient-wise.
-
-    Patients are shuffled; those whose images start within the first ``test_fraction`` of
-    all images go to test, the next ``val_fraction`` to val, the rest to train.
-    """
-    patients, row_patient, image_counts = np.unique(patient_ids, return_inverse=True, return_counts=True)
-    order = _random_generator(data_seed, _PATIENT_STREAM).permutation(len(patients))
-    start_share = (np.cumsum(image_counts[order]) - image_counts[order]) / len(patient_ids)
-    split_in_order = np.where(
-        start_share < test_fraction, 2, np.where(start_share < test_fraction + val_fraction, 1, 0)
-    )
-    patient_split = np.empty(len(patients), dtype=np.int64)
-    patient_split[order] = split_in_order
-    return patient_split[row_patient]
-
-
-def _sample_split(
-    pool: np.ndarray, size: int, labels: np.ndarray, min_positives: int, rng: np.random.Generator, split: str
-) -> np.ndarray:
-    """Draw ``size`` rows of ``pool`` holding at least ``min_positives`` positives per finding.
-
-    Rarest finding first, random positives are added until the drawn rows hold enough of
-    them; the rest of the split is drawn uniformly at random. Returns sorted table rows.
-    """
-    if size > len(pool):
-        raise ValueError(
-            f"the {split} split needs {size} images but its patients have only {len(pool)}; lower n_images"
-        )
-    pool_labels = labels[pool].astype(bool)
-    drawn = np.zeros(len(pool), dtype=bool)
-    for finding in np.argsort(pool_labels.sum(axis=0), kind="stable"):
-        missing = min_positives - int(pool_labels[drawn, finding].sum())
-        if missing <= 0:
-            continue
-        candidates = np.flatnonzero(pool_labels[:, finding] & ~drawn)
-        if len(candidates) < missing:
-            raise ValueError(
-                f"the {split} split's patients have only {int(pool_labels[:, finding].sum())} images with "
-                f"{FINDINGS[finding]}, fewer than min_positives={min_positives}; lower min_positives or give "
-                f"the {split} split a larger fraction"
-            )
-        drawn[rng.choice(candidates, size=missing, replace=False)] = True
-    remaining = np.flatnonzero(~drawn)
-    drawn[rng.choice(remaining, size=size - int(drawn.sum()), replace=False)] = True
-    return np.sort(pool[drawn])
 
 
 @dataclass(frozen=True)
@@ -351,7 +240,7 @@ def _generate_images(
 class ChestXray14SyntheticSuite(MultiLabelSuite):
     """ChestX-ray14's 14 findings as binary tasks: real labels and patients, generated images.
 
-    Items are ``(x, y)``: ``x`` float32 ``[1, image_size, image_size]`` in [0, 1], ``y``
+    Items are ``(x, y)``: ``x`` uint8 ``[1, image_size, image_size]``, ``y``
     float32 ``[14]`` of 0/1 in the order of :data:`FINDINGS`. Item ids are the real
     ``Image Index`` file names. See the module docstring for how data are drawn.
     """
@@ -382,31 +271,34 @@ class ChestXray14SyntheticSuite(MultiLabelSuite):
     ) -> None:
         metadata = load_metadata()
         n_table = len(metadata.image_ids)
-        self.n_images = _check_integer("n_images", n_images, 1, n_table)
-        self.image_size = _check_integer("image_size", image_size, 16, 128)
-        self.data_seed = _check_integer("data_seed", data_seed, 0, 2**63 - 1)
-        self.val_fraction = _check_real("val_fraction", val_fraction, 0.0, 1.0)
-        self.test_fraction = _check_real("test_fraction", test_fraction, 0.0, 1.0)
+        self.n_images = check_integer("n_images", n_images, 1, n_table)
+        self.image_size = check_integer("image_size", image_size, 16, 128)
+        self.data_seed = check_integer("data_seed", data_seed, 0, 2**63 - 1)
+        self.val_fraction = check_real("val_fraction", val_fraction, 0.0, 1.0)
+        self.test_fraction = check_real("test_fraction", test_fraction, 0.0, 1.0)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
                 f"val_fraction + test_fraction must be below 1 to leave images for training, "
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
-        self.min_positives = _check_integer("min_positives", min_positives, 1, 100)
-        self.signal_scale = _check_real("signal_scale", signal_scale, 0.0, 10.0)
+        self.min_positives = check_integer("min_positives", min_positives, 1, 100)
+        self.signal_scale = check_real("signal_scale", signal_scale, 0.0, 10.0)
         self._check_split_sizes(n_table)
 
-        row_split = _assign_patients(metadata.patient_ids, self.val_fraction, self.test_fraction, self.data_seed)
+        row_split = assign_patients(
+            metadata.patient_ids, self.val_fraction, self.test_fraction,
+            _random_generator(self.data_seed, _PATIENT_STREAM),
+        )
         sampling_rng = _random_generator(self.data_seed, _SAMPLING_STREAM)
         sizes = _split_sizes(self.n_images, self.val_fraction, self.test_fraction)
         self._rows = {
-            split: _sample_split(
+            split: sample_split(
                 np.flatnonzero(row_split == split_index), sizes[split], metadata.labels, self.min_positives,
                 sampling_rng, split,
             )
             for split_index, split in enumerate(SPLIT_NAMES)
         }
-        self._check_patient_disjoint(metadata.patient_ids)
+        check_patient_disjoint({split: metadata.patient_ids[rows] for split, rows in self._rows.items()})
 
         geometry = _PatternGeometry.draw(self.data_seed, self.signal_scale)
         self._datasets = {
@@ -436,33 +328,6 @@ class ChestXray14SyntheticSuite(MultiLabelSuite):
             f"for {len(FINDINGS)} findings needs at least {needed} images in every split; with these "
             f"fractions use n_images in [{minimum}, {n_table}], or lower min_positives"
         )
-
-    def _check_patient_disjoint(self, patient_ids: np.ndarray) -> None:
-        patients = {split: set(patient_ids[rows].tolist()) for split, rows in self._rows.items()}
-        for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
-            shared = patients[first] & patients[second]
-            if shared:
-                raise RuntimeError(
-                    f"internal error: patients {sorted(shared)[:5]} are in both the {first} and {second} splits"
-                )
-
-    def _check_split_name(self, split: str) -> None:
-        if split not in self._datasets:
-            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLIT_NAMES)}")
-
-    def splits(self) -> dict[str, ImageLabelDataset]:
-        """The ``"train"``, ``"val"`` and ``"test"`` datasets (images generated at construction)."""
-        return dict(self._datasets)
-
-    def item_ids(self, split: str) -> list[str]:
-        """The ``Image Index`` file names of ``split``, in item order."""
-        self._check_split_name(split)
-        return list(self._datasets[split].item_ids)
-
-    def labels(self, split: str) -> torch.Tensor:
-        """The 0/1 label matrix ``[N, 14]`` of ``split``."""
-        self._check_split_name(split)
-        return self._datasets[split].labels
 
     def patient_ids(self, split: str) -> list[int]:
         """The ``Patient ID`` of each item of ``split``, in item order."""

@@ -89,6 +89,11 @@ def _suite_class(name: str) -> type[TaskSuite]:
     return _SUITES[name]
 
 
+def suite_class(name: str) -> type[TaskSuite]:
+    """The class registered as ``name``, to read what it declares without building its data."""
+    return _suite_class(name)
+
+
 def options(name: str) -> dict[str, OptionInfo]:
     """The options of the suite ``name``: option name -> :class:`OptionInfo` (default, help, required)."""
     return _option_infos(_suite_class(name))

@@ -1,12 +1,16 @@
 """Small, generic helpers for the tests of ``methods/``: a tiny multi-task net and its gradients.
 
 They are handed to tests through the ``mtl`` fixture (no ``import conftest``), so they work
-under any pytest import mode.
+under any pytest import mode. ``mlflow_template`` gives the harness's tests an empty MLflow store,
+``results`` a results directory holding a copy of it.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +88,24 @@ def mtl() -> types.SimpleNamespace:
         flat_grad=flat_grad,
         jacobian=jacobian,
     )
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created once per session: a test copies it to
+    ``<results>/mlflow.db`` instead of creating (migrating) a new store, which takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def results(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A results directory holding an empty MLflow store; worker processes that run
+    ``python -m bench`` find this checkout through ``PYTHONPATH``."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    return tmp_path

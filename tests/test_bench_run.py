@@ -173,8 +173,8 @@ def test_unknown_task_lists_valid_ones(tmp_path: Path, capsys: pytest.CaptureFix
 def test_non_finite_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from methods.uwo import UWO
 
-    def poisoned_backward(self, losses, shared_params, *, timer=None):  # type: ignore[no-untyped-def]
-        return methods.Method.backward(self, losses * float("nan"), shared_params, timer=timer)
+    def poisoned_backward(self, losses, shared_params, **options):  # type: ignore[no-untyped-def]
+        return methods.Method.backward(self, losses * float("nan"), shared_params, **options)
 
     monkeypatch.setattr(UWO, "backward", poisoned_backward)
     code = run_cli(tmp_path, "--methods", "uwo,ew")
@@ -193,11 +193,11 @@ def test_ctrl_c_marks_the_run_killed_and_the_store_stays_readable(tmp_path: Path
     calls = {"n": 0}
     original = EW.backward
 
-    def interrupted(self, losses, shared_params, *, timer=None):  # type: ignore[no-untyped-def]
+    def interrupted(self, losses, shared_params, **options):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, losses, shared_params, timer=timer)
+        return original(self, losses, shared_params, **options)
 
     monkeypatch.setattr(EW, "backward", interrupted)
     assert run_cli(tmp_path, "--methods", "ew,uwso") == 130

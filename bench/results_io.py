@@ -1,0 +1,394 @@
+"""Results in the long format ``method,dataset,seed,metric,value``: from MLflow, from and to CSV.
+
+One row per (method, data set, seed, metric). ``dataset`` is a task suite (e.g.
+``cxr14-synthetic``) or any single data set or task; ``seed`` is kept as text. Quality
+metrics keep the names the suites give them (``auroc/Atelectasis``, ``mean_auroc``); cost
+metrics are prefixed ``cost/`` (``cost/step_ms``, ``cost/forward_ms``, ``cost/peak_memory_mb``,
+``cost/train_seconds``) and are never ranked.
+
+From an MLflow store (``bench run`` logs there) only runs with status FINISHED count: their
+``test/<metric>`` become ``<metric>`` and their ``summary/<cost>`` become ``cost/<cost>``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from tqdm.auto import tqdm
+
+import tasks
+from bench.stats import family_of, task_of
+from bench.tracking import experiment_name
+
+LONG_COLUMNS = ("method", "dataset", "seed", "metric", "value")
+COST_PREFIX = "cost/"
+EXPERIMENT_PREFIX = experiment_name("")
+PREDICTIONS_ARTIFACT = "test_predictions.csv"
+"""Artifact with columns ``id``, ``prob/<task>``, ``label/<task>`` (see ``bench/train.py``)."""
+
+
+class NoResultsError(ValueError):
+    """The input holds no result to report on; the message says where it looked."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One FINISHED MLflow run of ``bench run``."""
+
+    run_id: str
+    dataset: str
+    method: str
+    seed: str
+    primary_metric: str
+    metric_keys: tuple[str, ...]
+
+
+@dataclass
+class Results:
+    """Long-format results and where they came from.
+
+    Attributes:
+        long: the rows ``method, dataset, seed, metric, value``.
+        source: where they were read, in words.
+        runs: the MLflow runs behind them (empty for a CSV).
+        primary_metrics: data set -> the metric its runs selected checkpoints by, when known.
+        warnings: what was dropped or doubtful while reading.
+    """
+
+    long: pd.DataFrame
+    source: str
+    runs: list[RunRecord] = field(default_factory=list)
+    primary_metrics: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def quality(self) -> pd.DataFrame:
+        """The rows of quality metrics (everything but ``cost/*``)."""
+        return self.long[~self.long["metric"].str.startswith(COST_PREFIX)]
+
+    def cost(self) -> pd.DataFrame:
+        """The rows of cost metrics, ``cost/`` removed from their names."""
+        rows = self.long[self.long["metric"].str.startswith(COST_PREFIX)].copy()
+        rows["metric"] = rows["metric"].str.removeprefix(COST_PREFIX)
+        return rows
+
+
+def _store_description(tracking_uri: str, experiments: Sequence[str]) -> str:
+    return f"experiment(s) {', '.join(experiments) or '(none)'} of the MLflow store {tracking_uri}"
+
+
+def _experiments(client: MlflowClient, tracking_uri: str, requested: Sequence[str] | None) -> dict[str, str]:
+    """Experiment id -> name of the ``requested`` experiments, or of every ``mtl-bench/*`` one."""
+    known = {e.experiment_id: e.name for e in client.search_experiments()}
+    if not requested:
+        return {i: name for i, name in known.items() if name.startswith(EXPERIMENT_PREFIX)}
+    unknown = [name for name in requested if name not in known.values()]
+    if unknown:
+        raise NoResultsError(
+            f"no experiment {', '.join(unknown)} in the MLflow store {tracking_uri}; it holds: "
+            f"{', '.join(known.values()) or 'no experiment'}"
+        )
+    return {i: name for i, name in known.items() if name in requested}
+
+
+def _finished_runs(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
+    runs: list[Run] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string="attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+            page_token=page_token,
+        )
+        runs.extend(page)
+        page_token = page.token
+        if not page_token:
+            return runs
+
+
+def _run_rows(run: Run, dataset: str, method: str, seed: str) -> list[tuple[str, str, str, str, float]]:
+    rows = []
+    for key, value in run.data.metrics.items():
+        if key.startswith("test/"):
+            rows.append((method, dataset, seed, key.removeprefix("test/"), value))
+        elif key.startswith("summary/") and not key.startswith("summary/best_"):
+            rows.append((method, dataset, seed, COST_PREFIX + key.removeprefix("summary/"), value))
+    return rows
+
+
+PER_RUN_PARAMS = ("method", "seed", "results", "tracking_uri", "save_checkpoint", "device")
+"""Params that differ between the runs of one comparison by design (or say only where a run went)."""
+
+
+def _setting_differences(runs: dict[tuple[str, str, str], Run]) -> list[str]:
+    """One warning per data set whose runs differ in a setting other than method, seed and hyperparameters."""
+    messages = []
+    for dataset in dict.fromkeys(cell[0] for cell in runs):
+        values: dict[str, set[str]] = {}
+        for cell, run in runs.items():
+            if cell[0] == dataset:
+                for name, value in run.data.params.items():
+                    if name not in PER_RUN_PARAMS and not name.startswith("hp."):
+                        values.setdefault(name, set()).add(value)
+        differing = {name: sorted(v) for name, v in values.items() if len(v) > 1}
+        if differing:
+            messages.append(
+                f"the runs on {dataset} differ in "
+                + "; ".join(f"{n} ({', '.join(v)})" for n, v in sorted(differing.items()))
+                + ": they may not be comparable; choose runs with --experiment or a separate store"
+            )
+    return messages
+
+
+def load_mlflow(tracking_uri: str, experiments: Sequence[str] | None = None) -> Results:
+    """The FINISHED runs of ``experiments`` (default: every ``mtl-bench/*`` experiment).
+
+    When a (data set, method, seed) was run more than once, the latest run counts and the
+    others are named in ``warnings``.
+
+    Raises:
+        NoResultsError: no such experiment, or no FINISHED run in them.
+    """
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise NoResultsError(
+            f"there is no MLflow store at {tracking_uri}: train first (python -m bench run), or point "
+            "--results, --tracking-uri or --from at existing results"
+        )
+    client = MlflowClient(tracking_uri=tracking_uri)
+    names_by_id = _experiments(client, tracking_uri, experiments)
+    names = list(names_by_id.values())
+    runs = _finished_runs(client, list(names_by_id)) if names_by_id else []
+    if not runs:
+        raise NoResultsError(
+            f"no FINISHED runs in {_store_description(tracking_uri, names)}: train with python -m bench run, "
+            "or choose another store or experiment (--results, --tracking-uri, --experiment)"
+        )
+    latest: dict[tuple[str, str, str], Run] = {}
+    superseded: list[str] = []
+    for run in runs:  # oldest first: a later run of the same cell replaces an earlier one
+        params = run.data.params
+        dataset = params.get("task") or names_by_id[run.info.experiment_id].removeprefix(EXPERIMENT_PREFIX)
+        cell = (dataset, method_label(params), params.get("seed", ""))
+        if cell in latest:
+            superseded.append(f"{latest[cell].info.run_id} ({cell[1]} seed {cell[2]} on {cell[0]})")
+        latest[cell] = run
+    results = Results(long=pd.DataFrame(columns=LONG_COLUMNS), source=_store_description(tracking_uri, names))
+    if superseded:
+        results.warnings.append(
+            f"{len(superseded)} older run(s) of a method and seed run again later were left out: "
+            + "; ".join(superseded)
+        )
+    results.warnings.extend(_setting_differences(latest))
+    rows = []
+    for (dataset, method, seed), run in latest.items():
+        rows.extend(_run_rows(run, dataset, method, seed))
+        primary = run.data.params.get("primary_metric", "")
+        results.runs.append(RunRecord(run.info.run_id, dataset, method, seed, primary, tuple(run.data.metrics)))
+        if primary:
+            results.primary_metrics.setdefault(dataset, primary)
+    results.long = pd.DataFrame(rows, columns=LONG_COLUMNS)
+    return results
+
+
+def method_label(params: dict[str, str]) -> str:
+    """A run's method as reports name it: ``<method>``, or ``<method>@features`` for a run whose
+    gradient methods weighed by the feature-level Gramian (``--grad-level features``)."""
+    method = params.get("method", "")
+    return f"{method}@features" if params.get("grad_level") == "features" else method
+
+
+def read_long_csv(path: str | Path) -> Results:
+    """Read a results CSV with the columns ``method,dataset,seed,metric,value`` (extra columns ignored).
+
+    Rows without a value are dropped (named in ``warnings``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a column is missing, a value is not a number, or a (method, dataset,
+            seed, metric) appears twice.
+        NoResultsError: the file has no row with a value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results CSV at {path}")
+    frame = pd.read_csv(path, dtype={c: str for c in LONG_COLUMNS if c != "value"}, keep_default_na=False)
+    missing = [c for c in LONG_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the column(s) {', '.join(missing)}; a results CSV needs the columns "
+            f"{','.join(LONG_COLUMNS)}, one row per method, data set, seed and metric (it has: "
+            f"{', '.join(map(str, frame.columns))})"
+        )
+    frame = frame[list(LONG_COLUMNS)]
+    text = frame["value"].astype(str).str.strip()
+    empty = text.isin(["", "nan", "NaN", "NA"])
+    values = pd.to_numeric(text.where(~empty), errors="coerce")
+    bad = frame.index[values.isna() & ~empty]
+    if len(bad):
+        raise ValueError(
+            f"{path}: the value column must hold numbers; CSV line(s) {', '.join(str(i + 2) for i in bad[:10])} "
+            f"do not (e.g. {text[bad[0]]!r})"
+        )
+    frame = frame.assign(value=values)
+    results = Results(long=frame[~empty].reset_index(drop=True), source=f"the results CSV {path}")
+    if empty.any():
+        results.warnings.append(f"{int(empty.sum())} row(s) of {path} without a value were left out")
+    duplicated = results.long.duplicated(subset=["method", "dataset", "seed", "metric"], keep=False)
+    if duplicated.any():
+        first = results.long[duplicated].iloc[0]
+        raise ValueError(
+            f"{path} holds {int(duplicated.sum())} rows that repeat a (method, dataset, seed, metric), e.g. "
+            f"{first['method']}, {first['dataset']}, seed {first['seed']}, {first['metric']}: keep one value per cell"
+        )
+    if results.long.empty:
+        raise NoResultsError(f"{path} holds no row with a value")
+    return results
+
+
+def write_long_csv(results: Results, path: str | Path) -> Path:
+    """Write the long-format rows to ``path`` in their order (runs by start time); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results.long.to_csv(path, index=False)
+    return path
+
+
+def load_histories(tracking_uri: str, runs: Iterable[RunRecord], prefixes: Collection[str]) -> pd.DataFrame:
+    """Per-epoch values of every logged metric whose key starts with one of ``prefixes``.
+
+    Returns rows ``dataset, method, seed, key, step, value``.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    rows = []
+    runs = list(runs)
+    for run in tqdm(runs, desc="reading training curves", unit="run", disable=None):
+        for key in run.metric_keys:
+            if key.startswith(tuple(prefixes)):
+                for point in client.get_metric_history(run.run_id, key):
+                    rows.append((run.dataset, run.method, run.seed, key, point.step, point.value))
+    return pd.DataFrame(rows, columns=["dataset", "method", "seed", "key", "step", "value"])
+
+
+@contextmanager
+def _one_progress_bar() -> Iterator[None]:
+    """Silence MLflow's per-file download bars (``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``) under ours."""
+    name = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def load_test_predictions(tracking_uri: str, runs: Iterable[RunRecord]) -> dict[str, pd.DataFrame]:
+    """run id -> its ``test_predictions.csv`` artifact, for the runs that logged one."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    predictions = {}
+    runs = list(runs)
+    with tempfile.TemporaryDirectory() as scratch, _one_progress_bar():
+        for run in tqdm(runs, desc="reading test predictions", unit="run", disable=None):
+            if PREDICTIONS_ARTIFACT not in {a.path for a in client.list_artifacts(run.run_id)}:
+                continue
+            local = client.download_artifacts(run.run_id, PREDICTIONS_ARTIFACT, dst_path=scratch)
+            predictions[run.run_id] = pd.read_csv(local)
+    return predictions
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What the report needs to know about the metrics of each data set.
+
+    Attributes:
+        directions: metric key -> ``"maximize"`` or ``"minimize"``.
+        task_metrics: data set -> task -> its metric keys (what Delta_m averages).
+        primary: data set -> the metric the data set is compared by when none is chosen.
+        notes: how the directions were found, where not from a task suite.
+    """
+
+    directions: dict[str, str]
+    task_metrics: dict[str, dict[str, tuple[str, ...]]]
+    primary: dict[str, str]
+    notes: tuple[str, ...] = ()
+
+
+def _suite_declarations(name: str) -> tuple[dict[str, str], dict[str, tuple[str, ...]], str] | None:
+    """A registered suite's metric directions, task metrics and primary metric, without its data.
+
+    ``TaskSuite.metric_directions()`` and ``task_metrics()`` are read from an instance made
+    without running the constructor (which builds the data); they rely on class attributes
+    only (``task_names``, ``primary_metric``). ``None`` when ``name`` is no registered suite
+    or its declarations need a built suite.
+    """
+    if name not in tasks.available():
+        return None
+    suite_class = tasks.suite_class(name)
+    bare = suite_class.__new__(suite_class)
+    try:
+        return dict(bare.metric_directions()), dict(bare.task_metrics()), suite_class.primary_metric
+    except AttributeError:
+        return None
+
+
+def _named_in(key: str, names: Collection[str]) -> bool:
+    return key in names or family_of(key) in names
+
+
+def metric_info(results: Results, minimize: Collection[str] = ()) -> MetricInfo:
+    """Directions, per-task metric groups and primary metric of every data set in ``results``.
+
+    A data set named like a registered task suite takes them from the suite. Otherwise (and
+    for keys the suite does not declare) a metric is better when higher unless it or its
+    family is named in ``minimize``; per-task keys ``<metric>/<task>`` are grouped by task
+    (keys without ``/`` are then left out of Delta_m, being means over tasks); when no key has
+    a ``/``, every key is a task of its own. ``minimize`` always wins.
+    """
+    quality = results.quality()
+    directions: dict[str, str] = {}
+    task_metrics: dict[str, dict[str, tuple[str, ...]]] = {}
+    primary: dict[str, str] = dict(results.primary_metrics)
+    guessed: set[str] = set()
+    notes: list[str] = []
+    for dataset, rows in quality.groupby("dataset", sort=True):
+        keys = sorted(rows["metric"].unique())
+        declared = _suite_declarations(str(dataset))
+        suite_directions, suite_tasks = (declared[0], declared[1]) if declared else ({}, {})
+        if declared:
+            primary.setdefault(str(dataset), declared[2])
+        for key in keys:
+            direction = "minimize" if _named_in(key, minimize) else suite_directions.get(key)
+            if direction is None:
+                direction = "maximize"
+                guessed.add(key)
+            if directions.setdefault(key, direction) != direction:
+                raise ValueError(f"metric {key!r} is better when higher in one data set and lower in another")
+        if suite_tasks:
+            present = {task: tuple(k for k in group if k in keys) for task, group in suite_tasks.items()}
+            task_metrics[str(dataset)] = {task: group for task, group in present.items() if group}
+            absent = sorted(k for group in suite_tasks.values() for k in group if k not in keys)
+            if absent:
+                notes.append(f"{dataset}: no values of {', '.join(absent)}, so Delta_m leaves them out")
+        else:
+            per_task = [k for k in keys if "/" in k]
+            groups: dict[str, list[str]] = {}
+            for key in per_task or keys:
+                groups.setdefault(task_of(key) or key, []).append(key)
+            task_metrics[str(dataset)] = {task: tuple(group) for task, group in groups.items()}
+    if guessed:
+        notes.append(
+            f"taken as better when higher (no task suite declares them; name lower-is-better ones with "
+            f"--minimize): {', '.join(sorted(guessed))}"
+        )
+    return MetricInfo(directions, task_metrics, primary, tuple(notes))

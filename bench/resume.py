@@ -1,0 +1,172 @@
+"""Crash-safe runs: a deterministic key per run and a resumable checkpoint after every epoch.
+
+A run is identified by its *run key*: the task, method and seed, and the SHA-256 of its
+resolved configuration (every option that changes what is trained, as ``bench run --config``
+reads it; where results go is not part of it) plus, for tuning trials, the study and trial.
+The same command run again computes the same key, so it finds
+
+* the run's MLflow run (tagged ``run_key``): a finished run is reused, not trained again;
+* the run's epoch checkpoint, ``<results>/checkpoints/<run key>.pt``: an unfinished run
+  continues from its last finished epoch, in the same MLflow run.
+
+The checkpoint holds everything the next epoch depends on: model, method (including its
+random state, e.g. PCGrad's task order), optimizer and scheduler state, the random states of
+Python, NumPy, torch (CPU and CUDA) and of the training data loader's generator, and the
+progress so far (best validation value and state, accumulated timing). It is written to a
+temporary file in the same directory and moved into place with ``os.replace``, which is
+atomic on POSIX and Windows: a crash while writing leaves the previous checkpoint intact.
+Resuming on a CPU therefore reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+"""Version of the checkpoint layout; a checkpoint of another version is refused."""
+
+
+def run_key(config: Mapping[str, Any], identity: Mapping[str, Any] | None = None) -> str:
+    """``<task>_<method>_seed<seed>_<hash>``: the run's identity across processes and machines.
+
+    ``config`` is the run's resolved configuration (one method, one seed, as
+    :func:`bench.train.run_config` gives it); ``identity`` adds what else tells runs with the
+    same configuration apart (a tuning study and trial). The hash is the first 16 hex digits
+    of the SHA-256 of both, serialised as canonical JSON (sorted keys).
+    """
+    (method,), (seed,) = config["methods"], config["seeds"]
+    canonical = json.dumps({"config": config, "identity": dict(identity or {})}, sort_keys=True, default=str)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    parts = (str(config["task"]), str(method), f"seed{seed}", digest)
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", part) for part in parts)
+
+
+@dataclass
+class FitProgress:
+    """What training has accumulated over the epochs done so far.
+
+    ``primary_values`` holds the validation value of the suite's primary metric after each
+    epoch; ``last_epoch_metrics`` the metrics of the last epoch, which are logged to MLflow
+    after its checkpoint is written (and again on resume if they never reached MLflow).
+    """
+
+    epochs_done: int = 0
+    best_value: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, Any] | None = None
+    phase_ms_totals: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    peak_memory_mb: float = 0.0
+    peak_memory_increase_mb: float = 0.0
+    train_seconds: float = 0.0
+    primary_values: list[float] = field(default_factory=list)
+    last_epoch_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def capture_rng(loader_generator: torch.Generator) -> dict[str, Any]:
+    """The random states of Python, NumPy, torch (CPU and every CUDA device) and the loader."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": loader_generator.get_state(),
+    }
+
+
+def restore_rng(state: Mapping[str, Any], loader_generator: torch.Generator) -> None:
+    """Set every random state captured by :func:`capture_rng`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    loader_generator.set_state(state["loader"])
+
+
+class EpochCheckpoint:
+    """The resumable state of one run, at ``<results>/checkpoints/<run key>.pt``."""
+
+    def __init__(self, results: Path, key: str) -> None:
+        self.key = key
+        self.path = Path(results) / "checkpoints" / f"{key}.pt"
+
+    def save(
+        self,
+        run_id: str,
+        progress: FitProgress,
+        modules: Mapping[str, Any],
+        rng: Mapping[str, Any],
+    ) -> None:
+        """Write the state atomically: a temporary file in the same directory, then ``os.replace``.
+
+        ``modules`` maps names (model, method, optimizer, scheduler) to objects with a
+        ``state_dict()``, or to ``None``.
+        """
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "key": self.key,
+            "run_id": run_id,
+            "progress": dict(vars(progress)),
+            "states": {name: None if m is None else m.state_dict() for name, m in modules.items()},
+            "rng": dict(rng),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or ``None`` when there is none; an unreadable file is an error."""
+        if not self.path.is_file():
+            return None
+        try:
+            # A file this harness wrote itself: it holds random states (tuples, NumPy arrays).
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise RuntimeError(
+                f"cannot read the epoch checkpoint {self.path}: {error}. Delete it to train this run from the start"
+            ) from error
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
+            raise RuntimeError(
+                f"{self.path} is not a checkpoint of run {self.key} in format {CHECKPOINT_FORMAT}; "
+                "delete it to train this run from the start"
+            )
+        return state
+
+    def restore(
+        self, state: Mapping[str, Any], modules: Mapping[str, Any], loader_generator: torch.Generator
+    ) -> FitProgress:
+        """Load the saved states into ``modules`` (as given to :meth:`save`) and every random
+        state; return the progress."""
+        for name, module in modules.items():
+            saved = state["states"][name]
+            if (module is None) != (saved is None):
+                raise RuntimeError(f"{self.path}: the saved {name} state does not match this run's {name}")
+            if module is not None:
+                module.load_state_dict(saved)
+        restore_rng(state["rng"], loader_generator)
+        return FitProgress(**state["progress"])
+
+    def remove(self) -> None:
+        """Delete the checkpoint (once its run is over)."""
+        self.path.unlink(missing_ok=True)

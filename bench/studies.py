@@ -1,0 +1,361 @@
+"""Sweeps shared through an Optuna storage: studies as queues of training jobs.
+
+Every sweep that several workers share is an Optuna study in one storage (a URL: SQLite,
+PostgreSQL, MySQL, or a journal file). The study's user attributes say what it is (``kind``:
+``tune`` or ``grid``) and hold the resolved run spec, so a worker on another machine needs
+only the storage URL. Each trial of the study is one training run (a tuning trial, or one
+(method, seed) cell of a grid).
+
+**Exactly once.** The whole budget is put in the study up front as WAITING trials. A worker
+claims one by moving it from WAITING to RUNNING, which the storage does atomically (a
+database transaction; the log order of a journal file): of two workers that try, one wins.
+Workers never create trials, so a study never exceeds its budget (``Study.optimize`` with
+``MaxTrialsCallback`` can: workers that finish together may each start one more trial).
+
+**Dead workers.** With a database storage every running trial records a heartbeat
+(Optuna's ``RDBStorage`` heartbeat, every ``heartbeat`` seconds, judged by the database's
+clock). A trial whose last heartbeat is older than the grace period (three heartbeats) is
+failed by the next worker that looks (``optuna.storages.fail_stale_trials``), and
+``RetryHeartbeatStaleTrialCallback`` queues a copy with the same parameters; the copy
+continues the dead trial's MLflow run and, where its epoch checkpoint is readable (the same
+results directory), its last epoch. Optuna 5 has no heartbeat for journal files: there a
+dead worker's trial stays RUNNING, so use a database when workers may die.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+DEFAULT_HEARTBEAT_SECONDS = 30
+GRACE_HEARTBEATS = 3
+"""A running trial is stale after this many heartbeat intervals without a heartbeat."""
+MAX_RETRIES = 3
+"""How often a trial whose worker died is queued again before it stays FAIL."""
+KIND_ATTR = "kind"
+"""Study user attribute marking the studies of this harness: ``tune`` or ``grid``."""
+SPEC_ATTR = "spec"
+"""Study user attribute: the resolved run spec (``RunSpec.to_dict()``) the workers train with."""
+CONFIG_ATTR = "config"
+"""Study user attribute: the spec without :data:`WHERE_KEYS`, compared when a command is run again."""
+WHERE_KEYS = ("results", "tracking_uri", "device", "save_checkpoint")
+"""Spec keys that say where (or whether) results are kept, not what is trained."""
+HEARTBEAT_ATTR = "heartbeat"
+WORKER_ATTR = "worker"
+"""Trial user attribute: ``host:pid`` of the worker that ran the trial."""
+FAILURE_ATTR = "failure"
+"""Trial user attribute: why the trial failed."""
+CONNECT_ARGS: dict[str, dict[str, Any]] = {
+    "sqlite": {"timeout": 60},  # wait up to 60 s for another worker's write lock
+    "postgresql": {"connect_timeout": 10},  # an unreachable server is an error after 10 s
+    "mysql": {"connect_timeout": 10},
+}
+"""Database driver options by SQLAlchemy backend name."""
+
+_OPEN: dict[tuple[str, int | None], BaseStorage] = {}
+
+
+def default_storage(results: Path) -> str:
+    """The default storage: SQLite at ``<results>/optuna.db``."""
+    return f"sqlite:///{(Path(results) / 'optuna.db').resolve()}"
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and tags."""
+    if "://" not in url:
+        return url
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(url: str, heartbeat: int | None = None, *, must_exist: bool = False) -> BaseStorage:
+    """The Optuna storage at ``url``, connected; a clear error when it cannot be opened.
+
+    ``url`` is a SQLAlchemy database URL (``sqlite:///results/optuna.db``,
+    ``postgresql://user:password@host:5432/db``, ``mysql+pymysql://...``) or the path of a
+    journal file ending in ``.log``. ``heartbeat`` (seconds) turns on the heartbeat of
+    database storages. With ``must_exist``, a SQLite or journal file that does not exist is
+    an error instead of being created. Storages are opened once per process.
+    """
+    if (url, heartbeat) in _OPEN:
+        return _OPEN[(url, heartbeat)]
+    if "://" not in url:
+        storage = _open_journal(url, must_exist)
+    else:
+        storage = _open_database(url, heartbeat, must_exist)
+    _OPEN[(url, heartbeat)] = storage
+    return storage
+
+
+def _open_journal(path_text: str, must_exist: bool) -> BaseStorage:
+    path = Path(path_text)
+    if path.suffix != ".log":
+        raise ValueError(
+            f"storage {path_text!r}: expected a database URL (sqlite:///results/optuna.db, "
+            "postgresql://user:password@host/db, mysql+pymysql://...) or a journal file path ending in .log"
+        )
+    if must_exist and not path.is_file():
+        raise ValueError(f"no Optuna journal file at {path}; check --storage")
+    if not path.parent.is_dir():
+        raise ValueError(f"storage {path_text}: the directory {path.parent} does not exist")
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _open_database(url: str, heartbeat: int | None, must_exist: bool) -> BaseStorage:
+    shown = masked(url)
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(f"storage {shown!r} is not a database URL, e.g. sqlite:///results/optuna.db") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        database = Path(parsed.database)
+        if must_exist and not database.is_file():
+            raise ValueError(f"no Optuna storage at {database}; check --storage (or run `python -m bench tune` first)")
+        database.parent.mkdir(parents=True, exist_ok=True)
+    if backend == "postgresql" and parsed.get_driver_name() == "psycopg2" and not _importable("psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, the driver this project installs
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(
+                parsed.render_as_string(hide_password=False),
+                engine_kwargs={"connect_args": CONNECT_ARGS.get(backend, {})},
+                heartbeat_interval=heartbeat,
+                grace_period=None if heartbeat is None else GRACE_HEARTBEATS * heartbeat,
+                heartbeat_stale_trial_callback=None
+                if heartbeat is None
+                else RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+            )
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"storage {shown}: the database driver {error.name!r} is not installed; for PostgreSQL "
+            "install psycopg (pip install 'psycopg[binary]', or this project's [postgresql] extra)"
+        ) from None
+    except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as error:
+        raise ValueError(f"storage {shown}: {error}") from None
+    except sqlalchemy.exc.OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
+        raise ConnectionError(
+            f"cannot open the Optuna storage {shown}: {reason}. Check the host, port, user, password "
+            "and database name in the URL, and that the database server is running and reachable"
+        ) from None
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded on every trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class SharedStudy:
+    """A study of this harness and the storage it lives in (opened with its heartbeat)."""
+
+    study: optuna.Study
+    storage: BaseStorage
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.study.user_attrs
+
+    @property
+    def heartbeat(self) -> int | None:
+        """Seconds between heartbeats, or ``None`` when the storage has no heartbeat."""
+        if not isinstance(self.storage, RDBStorage):
+            return None
+        return self.attrs.get(HEARTBEAT_ATTR)
+
+    def counts(self) -> Counter[str]:
+        """Number of trials per state name (WAITING, RUNNING, COMPLETE, PRUNED, FAIL)."""
+        return Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
+
+    def pending(self) -> bool:
+        """Whether trials are still WAITING, or RUNNING where a dead worker would be detected."""
+        counts = self.counts()
+        return counts["WAITING"] > 0 or (counts["RUNNING"] > 0 and self.heartbeat is not None)
+
+
+def load_shared_study(url: str, name: str) -> SharedStudy:
+    """Study ``name`` of this harness at ``url``; a database storage opened with the study's heartbeat."""
+    plain = open_storage(url)
+    try:
+        study = optuna.load_study(study_name=name, storage=plain)
+    except KeyError:
+        known = ", ".join(harness_study_names(url)) or "none"
+        raise ValueError(f"no study {name!r} in {masked(url)}; the studies of this harness there: {known}") from None
+    if KIND_ATTR not in study.user_attrs:
+        raise ValueError(f"study {name!r} in {masked(url)} was not made by `python -m bench`")
+    storage = open_storage(url, study.user_attrs.get(HEARTBEAT_ATTR)) if isinstance(plain, RDBStorage) else plain
+    return SharedStudy(optuna.load_study(study_name=name, storage=storage), storage)
+
+
+def harness_study_names(url: str) -> list[str]:
+    """Names of the studies of this harness in the storage at ``url``, oldest first."""
+    summaries = optuna.get_all_study_summaries(open_storage(url), include_best_trial=False)
+    return [s.study_name for s in summaries if KIND_ATTR in s.user_attrs]
+
+
+def create_shared_study(
+    url: str,
+    name: str,
+    direction: str,
+    identity: Mapping[str, Any],
+    extra: Mapping[str, Any],
+    heartbeat: int | None,
+) -> SharedStudy:
+    """Create study ``name`` (or load it if it exists) and check or set its attributes.
+
+    ``identity`` says what the study computes (kind, configuration, search space): an
+    existing study must have the same, else the error names what differs. ``extra`` (e.g.
+    where results go) and ``heartbeat`` are set when the study is created and kept after.
+    """
+    identity = json.loads(json.dumps(identity))  # as the storage returns it: tuples become lists
+    plain = open_storage(url)
+    study = optuna.create_study(study_name=name, storage=plain, direction=direction, load_if_exists=True)
+    existing = study.user_attrs
+    if KIND_ATTR in existing:
+        differing = sorted(k for k in identity if existing.get(k) != identity[k])
+        if differing:
+            details = "; ".join(_difference(k, existing.get(k), identity[k]) for k in differing)
+            raise ValueError(
+                f"study {name!r} in {masked(url)} was made for another configuration ({details}). "
+                f"Use another --storage, or delete the study: optuna delete-study --study-name '{name}' "
+                f"--storage '{masked(url)}'"
+            )
+    else:
+        for key, value in {**extra, HEARTBEAT_ATTR: heartbeat, **identity}.items():
+            study.set_user_attr(key, value)  # the kind last: a study without it is not picked up
+    return load_shared_study(url, name)
+
+
+def _difference(key: str, before: Any, now: Any) -> str:
+    if isinstance(before, Mapping) and isinstance(now, Mapping):
+        keys = sorted(k for k in {*before, *now} if before.get(k) != now.get(k))
+        return f"{key}: " + ", ".join(f"{k} {before.get(k)!r} in the study, {now.get(k)!r} now" for k in keys)
+    return f"{key}: {before!r} in the study, {now!r} now"
+
+
+def add_waiting_trials(shared: SharedStudy, jobs: list[dict[str, Any]]) -> None:
+    """Queue one WAITING trial per job; a job's items become the trial's user attributes."""
+    for job in jobs:
+        shared.study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, user_attrs=job))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A trial this worker moved from WAITING to RUNNING."""
+
+    trial_id: int
+    frozen: FrozenTrial
+
+    @property
+    def first_number(self) -> int:
+        """The number of the trial this one retries, else its own: the job's lasting identity."""
+        return int(self.frozen.system_attrs.get("failed_trial", self.frozen.number))
+
+
+def fail_stale_trials(shared: SharedStudy) -> None:
+    """Fail the running trials whose worker stopped sending heartbeats, and queue their retries."""
+    if shared.heartbeat is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(shared.study)
+
+
+def claim_waiting_trial(shared: SharedStudy) -> Claim | None:
+    """Move the first WAITING trial this worker can get to RUNNING; ``None`` when none is left."""
+    storage = shared.storage
+    study_id = storage.get_study_id_from_name(shared.name)
+    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                continue  # another worker was faster
+        except UpdateFinishedTrialError:
+            continue
+        if shared.heartbeat is not None:
+            storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        storage.set_trial_user_attr(trial_id, WORKER_ATTR, worker_id())
+        return Claim(trial_id, storage.get_trial(trial_id))
+    return None
+
+
+@contextmanager
+def heartbeat(shared: SharedStudy, claim: Claim) -> Iterator[None]:
+    """Record the claimed trial's heartbeat every ``shared.heartbeat`` seconds while inside."""
+    interval = shared.heartbeat
+    if interval is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                shared.storage.record_heartbeat(claim.trial_id)  # type: ignore[attr-defined]
+            except sqlalchemy.exc.SQLAlchemyError as error:  # e.g. a dropped connection: beat again next time
+                warnings.warn(f"heartbeat of trial {claim.frozen.number} not recorded: {error}", stacklevel=1)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{claim.trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def finish_trial(
+    shared: SharedStudy,
+    claim: Claim,
+    *,
+    value: float | None = None,
+    state: TrialState = TrialState.COMPLETE,
+    failure: str | None = None,
+    retry: bool = False,
+) -> None:
+    """End a claimed trial: COMPLETE with ``value``, PRUNED, or FAIL with ``failure`` (kept as
+    the trial's ``failure`` attribute) and, with ``retry``, a copy queued to run again.
+
+    A trial that another worker already failed as stale (its heartbeat came too late) is
+    left as it is.
+    """
+    if failure is not None:
+        shared.storage.set_trial_user_attr(claim.trial_id, FAILURE_ATTR, failure[:5000])
+    values = None if value is None else [value]
+    shared.study.tell(claim.frozen.number, values, state=state, skip_if_finished=True)
+    if retry:
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(shared.study, shared.storage.get_trial(claim.trial_id))

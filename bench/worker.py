@@ -1,0 +1,151 @@
+"""Workers: processes that train the trials of shared studies until none is left.
+
+    python -m bench worker --storage postgresql://user:password@host:5432/optuna
+
+A worker needs only the storage URL: each study holds its run spec. It serves every study of
+this harness in the storage (or those given with ``--studies``): it claims one waiting
+trial (a tuning trial or a grid cell), trains it while recording heartbeats, records the
+outcome, and repeats. When nothing waits but trials still run elsewhere, it checks them every
+heartbeat and retries the trial of a worker that died; it stops when every trial is over.
+``--results``, ``--tracking-uri`` and ``--device`` replace the study's values on this machine
+(e.g. a path to a shared disk, a common MLflow server, another GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import tasks
+from bench.grid import run_grid_cell
+from bench.spec import RunSpec, resolve_spec
+from bench.studies import (
+    KIND_ATTR,
+    SPEC_ATTR,
+    Claim,
+    SharedStudy,
+    claim_waiting_trial,
+    fail_stale_trials,
+    harness_study_names,
+    heartbeat,
+    load_shared_study,
+    masked,
+    open_storage,
+    worker_id,
+)
+from bench.tune import run_tuning_trial
+
+JOBS: dict[str, Callable[[SharedStudy, Claim, WorkerContext], str]] = {
+    "tune": run_tuning_trial,
+    "grid": run_grid_cell,
+}
+"""What a worker does with a claimed trial, by the kind of its study."""
+POLL_SECONDS = 2.0
+"""How often an idle worker looks at the storage."""
+
+
+@dataclass
+class WorkerContext:
+    """What a worker keeps across trials: the run options of its command line, and the task
+    suites it has built (once per task and options)."""
+
+    overrides: dict[str, Any]
+    console: Console
+    suites: dict[str, tasks.TaskSuite] = field(default_factory=dict)
+
+    def spec(self, shared: SharedStudy) -> RunSpec:
+        """The study's run spec with this worker's overrides, validated on this machine."""
+        return resolve_spec(shared.attrs[SPEC_ATTR], self.overrides)
+
+    def suite(self, spec: RunSpec) -> tasks.TaskSuite:
+        key = json.dumps([spec.task, spec.task_options], sort_keys=True, default=str)
+        if key not in self.suites:
+            self.suites[key] = tasks.create(spec.task, **spec.task_options)
+        return self.suites[key]
+
+
+def work(url: str, names: Sequence[str] | None, context: WorkerContext) -> Counter[str]:
+    """Serve the studies ``names`` (all of this harness's when ``None``) until every trial is
+    over; return how many trials this worker ended in each state."""
+    ended: Counter[str] = Counter()
+    for name in names or harness_study_names(url):
+        context.spec(load_shared_study(url, name))  # bad overrides fail before any claim
+    while True:
+        studies = [load_shared_study(url, name) for name in names or harness_study_names(url)]
+        claimed = None
+        for shared in studies:
+            fail_stale_trials(shared)
+            claim = claim_waiting_trial(shared)
+            if claim is not None:
+                claimed = shared, claim
+                break
+        if claimed is None:
+            if not any(s.pending() for s in studies):
+                return ended
+            time.sleep(POLL_SECONDS)  # trials run elsewhere: wait for them, retry them if their worker dies
+            continue
+        shared, claim = claimed
+        started = time.perf_counter()
+        with heartbeat(shared, claim):
+            state = JOBS[shared.attrs[KIND_ATTR]](shared, claim, context)
+        ended[state] += 1
+        context.console.print(
+            f"{shared.name} trial {claim.frozen.number}: {state} after {time.perf_counter() - started:.1f} s"
+        )
+
+
+def run_workers(url: str, names: Sequence[str], count: int, results: Path, console: Console) -> None:
+    """Work on the studies ``names`` with ``count`` worker processes: this one, and ``count - 1``
+    started here (``python -m bench worker``, their output in ``<results>/logs``)."""
+    log_dir = Path(results) / "logs"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    command = [sys.executable, "-m", "bench", "worker", "--storage", url, "--studies", ",".join(names)]
+    helpers = []
+    for index in range(1, count):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{stamp}-worker{index}.log"
+        with log_path.open("w") as log:
+            helpers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log_path))
+    if helpers:
+        console.print(f"{len(helpers)} more worker process(es) started; their output: {log_dir}/{stamp}-worker*.log")
+    try:
+        work(url, names, WorkerContext({}, console))
+    except KeyboardInterrupt:
+        for process, _ in helpers:
+            process.send_signal(signal.SIGINT)
+        raise
+    finally:
+        for process, _ in helpers:
+            process.wait()
+    for process, log_path in helpers:
+        if process.returncode != 0:
+            console.print(f"[red]a worker process exited with code {process.returncode}; see {log_path}[/]")
+
+
+def worker_command(args: argparse.Namespace, console: Console) -> int:
+    """``python -m bench worker``: exit code 0 when every trial is over, 2 on bad input."""
+    overrides = {k: getattr(args, k) for k in ("results", "tracking_uri", "device") if getattr(args, k) is not None}
+    names = [n for n in args.studies.split(",") if n.strip()] if args.studies else None
+    try:
+        open_storage(args.storage)
+        ended = work(args.storage, names, WorkerContext(overrides, console))
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: this worker's trial is queued again[/]")
+        return 130
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(ended.items())) or "nothing to do"
+    console.print(f"worker {worker_id()} on {masked(args.storage)}: {summary}")
+    return 0

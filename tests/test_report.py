@@ -1,0 +1,205 @@
+"""`python -m bench report` end to end: from a small demo store, from CSVs, on bad input."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from scipy import stats as scipy_stats
+
+from bench.cli import main
+from bench.results_io import LONG_COLUMNS
+from bench.tracking import experiment_name
+
+TASK = "cxr14-synthetic"
+DEMSAR_CSV = Path(__file__).parent / "reference" / "demsar2006_table6.csv"
+"""Demsar (2006) Table 6 in the long format; see tests/test_stats.py for its source and the voting row."""
+METHODS = ("ew", "deepchest", "uw")
+SEEDS = ("0", "1")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A store of 3 methods x 2 seeds (2 epochs of 65 images at 16 px), its report and its CSV export."""
+    results = tmp_path_factory.mktemp("demo")
+    code = main(
+        ["run", "--task", TASK, "--methods", ",".join(METHODS), "--seeds", ",".join(SEEDS), "--epochs", "2",
+         "--task-opt", "n_images=100", "--task-opt", "val_fraction=0.15", "--task-opt", "min_positives=1",
+         "--image-size", "16", "--batch-size", "32", "--no-checkpoint", "--results", str(results)]
+    )  # fmt: skip
+    assert code == 0
+    csv = results / "runs.csv"
+    assert main(["report", "--results", str(results), "--bootstrap", "300", "--export-csv", str(csv)]) == 0
+    return {"results": results, "report": results / "report", "csv": csv}
+
+
+def store_runs(results: Path) -> list[Run]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment_name(TASK))
+    return client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
+
+
+def store_values(results: Path, key: str) -> dict[str, list[float]]:
+    """method -> the runs' values of ``key`` in seed order, read straight from MLflow."""
+    values: dict[str, dict[str, float]] = {}
+    for run in store_runs(results):
+        values.setdefault(run.data.params["method"], {})[run.data.params["seed"]] = run.data.metrics[key]
+    return {m: [by_seed[s] for s in SEEDS] for m, by_seed in values.items()}
+
+
+def test_report_writes_every_output(demo: dict[str, Path]) -> None:
+    report = demo["report"]
+    for name in ("report.md", "report.html", "stats.json", "figures/cd_diagram.png", "figures/weights.png",
+                 "figures/validation.png", "figures/cost.png", "tables/summary.tex", "tables/cost.tex",
+                 "tables/per_task_auroc.tex", "tables/wilcoxon_vs_deepchest.tex", "tables/wilcoxon_vs_ew.tex"):  # fmt: skip
+        assert (report / name).is_file(), name
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and 'src="figures/' not in page
+    latex = (report / "tables" / "summary.tex").read_text()
+    assert all(rule in latex for rule in ("\\toprule", "\\midrule", "\\bottomrule"))
+    markdown = (report / "report.md").read_text()
+    assert "![Critical difference diagram of auroc" in markdown and "| method |" in markdown
+
+
+def test_report_agrees_with_the_store(demo: dict[str, Path]) -> None:
+    results = demo["results"]
+    stats = json.loads((demo["report"] / "stats.json").read_text())
+    assert stats["metric"] == "auroc" and stats["reference"] == "deepchest"
+
+    summary = {row["method"]: row for row in stats["tables"]["summary"]}
+    for method, values in store_values(results, "test/mean_auroc").items():
+        assert summary[method]["mean_auroc_mean"] == pytest.approx(statistics.fmean(values))
+        assert summary[method]["mean_auroc_std"] == pytest.approx(statistics.stdev(values))
+
+    tasks = [
+        key.removeprefix("test/auroc/") for key in store_runs(results)[0].data.metrics if key.startswith("test/auroc/")
+    ]
+    per_task = {(row["task"], row["method"]): row["mean"] for row in stats["tables"]["per_task_auroc"]}
+    matrix = {m: [] for m in METHODS}  # blocks (task, seed) x methods, straight from MLflow
+    for task in tasks:
+        for method, values in store_values(results, f"test/auroc/{task}").items():
+            assert per_task[(task, method)] == pytest.approx(statistics.fmean(values))
+            matrix[method].extend(values)
+    columns = np.array([matrix[m] for m in METHODS]).T
+    expected_ranks = scipy_stats.rankdata(-columns, axis=1).mean(axis=0)
+    auroc = stats["metrics"]["auroc"]
+    assert auroc["n_blocks"] == len(tasks) * len(SEEDS)
+    assert [auroc["average_ranks"][m] for m in METHODS] == pytest.approx(expected_ranks)
+    expected_friedman = scipy_stats.friedmanchisquare(*columns.T)
+    assert auroc["friedman"]["tie_corrected_statistic"] == pytest.approx(expected_friedman.statistic)
+    for method in ("ew", "uw"):
+        difference = columns[:, METHODS.index(method)] - columns[:, METHODS.index("deepchest")]
+        # rounded like the report's, so that differences equal but for float error tie
+        expected = scipy_stats.wilcoxon(np.round(difference, 12), zero_method="zsplit")
+        assert auroc["wilcoxon_holm"][method]["pvalue"] == pytest.approx(expected.pvalue)
+
+    step_ms = store_values(results, "summary/step_ms")
+    cost = {row["method"]: row for row in stats["tables"]["cost"]}
+    for method, values in step_ms.items():
+        assert cost[method]["step_ms"] == pytest.approx(statistics.fmean(values))
+        assert cost[method]["ratio_to_ew"] == pytest.approx(statistics.fmean(values) / statistics.fmean(step_ms["ew"]))
+
+    mean_auroc = store_values(results, "test/mean_auroc")
+    bootstrap = stats["paired_bootstrap_mean_auroc"][TASK]["deepchest"]["uw"]
+    assert bootstrap["difference"] == pytest.approx(
+        statistics.fmean(np.subtract(mean_auroc["uw"], mean_auroc["deepchest"]))
+    )
+    assert bootstrap["ci_low"] <= bootstrap["difference"] <= bootstrap["ci_high"]
+
+    ew_means = {t: per_task[(t, "ew")] for t in tasks}
+    expected_delta = 100 * statistics.fmean((per_task[(t, "uw")] - ew_means[t]) / ew_means[t] for t in tasks)
+    assert summary["uw"]["delta_m_vs_ew_per-task"] == pytest.approx(expected_delta)
+
+
+def flat_numbers(value: object, path: str = "") -> dict[str, object]:
+    """Nested dicts as one flat dict ``{"a/b": value}``, for ``pytest.approx``."""
+    if not isinstance(value, dict):
+        return {path: value}
+    return {k: v for key, item in value.items() for k, v in flat_numbers(item, f"{path}/{key}").items()}
+
+
+def test_exported_csv_gives_the_same_statistics(demo: dict[str, Path], tmp_path: Path) -> None:
+    exported = pd.read_csv(demo["csv"], dtype={"seed": str})
+    assert tuple(exported.columns) == LONG_COLUMNS
+    assert set(exported["method"]) == set(METHODS) and set(exported["seed"]) == set(SEEDS)
+    assert main(["report", "--from", str(demo["csv"]), "--out", str(tmp_path)]) == 0
+    from_csv = json.loads((tmp_path / "stats.json").read_text())
+    from_store = json.loads((demo["report"] / "stats.json").read_text())
+    for metric in ("auroc", "mean_auroc", "accuracy"):
+        for key in ("average_ranks", "friedman", "iman_davenport", "nemenyi_cd", "wilcoxon_holm"):
+            expected = flat_numbers(from_store["metrics"][metric][key])
+            assert flat_numbers(from_csv["metrics"][metric][key]) == pytest.approx(expected), (metric, key)
+    assert from_csv["tables"]["summary"] == from_store["tables"]["summary"]
+    assert from_csv["tables"]["cost"] == from_store["tables"]["cost"]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, str, str, float]]) -> Path:
+    pd.DataFrame(rows, columns=LONG_COLUMNS).to_csv(path, index=False)
+    return path
+
+
+def test_demsar_table_6_from_a_csv(tmp_path: Path) -> None:
+    assert main(["report", "--from", str(DEMSAR_CSV), "--reference", "C4.5", "--out", str(tmp_path / "out")]) == 0
+    auc = json.loads((tmp_path / "out" / "stats.json").read_text())["metrics"]["auc"]
+    assert auc["blocks"] == "data sets, each the mean over its seeds" and auc["n_blocks"] == 14
+    methods = list(dict.fromkeys(pd.read_csv(DEMSAR_CSV)["method"]))  # C4.5, C4.5+m, C4.5+cf, C4.5+m+cf
+    assert [round(auc["average_ranks"][m], 3) for m in methods] == [3.143, 2.000, 2.893, 1.964]
+    assert round(auc["friedman"]["statistic"], 2) == 9.28 and round(auc["iman_davenport"]["statistic"], 2) == 3.69
+    assert round(auc["nemenyi_cd"], 2) == 1.25
+    assert (tmp_path / "out" / "figures" / "cd_diagram.png").is_file()
+
+
+def test_unequal_seeds_drop_incomplete_blocks_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        (m, "suite", s, f"error/{t}", 0.1 * (i + 1) + 0.01 * int(s))
+        for i, m in enumerate(("a", "b", "c"))
+        for s in "012"
+        for t in ("T1", "T2")
+        if not (m == "c" and s == "2")
+    ]
+    csv = write_csv(tmp_path / "unequal.csv", rows)
+    code = main(
+        ["report", "--from", str(csv), "--reference", "a", "--minimize", "error", "--out", str(tmp_path / "out")]
+    )
+    assert code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "2 incomplete block(s) dropped" in printed and "task T1, seed 2 (no c)" in printed
+    error = json.loads((tmp_path / "out" / "stats.json").read_text())["metrics"]["error"]
+    assert error["n_blocks"] == 4 and len(error["dropped_blocks"]) == 2
+    assert error["average_ranks"] == {"a": 1.0, "b": 2.0, "c": 3.0}  # lower error ranks first
+
+
+def test_one_method_gives_tables_and_says_why_no_test(tmp_path: Path) -> None:
+    csv = write_csv(tmp_path / "one.csv", [("ew", "suite", s, "acc", 0.5 + 0.1 * int(s)) for s in "012"])
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Only one method (ew)" in markdown and "| ew | 3 | 0.6000 ± 0.1000 |" in markdown
+    acc = json.loads((tmp_path / "out" / "stats.json").read_text())["metrics"]["acc"]
+    assert "friedman" not in acc and "wilcoxon_holm" not in acc
+
+
+def test_csv_with_missing_columns_names_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "bad.csv"
+    pd.DataFrame({"method": ["ew"], "dataset": ["d"], "metric": ["acc"]}).to_csv(csv, index=False)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 2
+    assert "lacks the column(s) seed, value" in " ".join(capsys.readouterr().out.split())
+
+
+def test_no_finished_runs_names_the_experiment_and_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment(experiment_name(TASK)))
+    client.set_terminated(run.info.run_id, status="FAILED")
+    assert main(["report", "--results", str(tmp_path)]) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"no FINISHED runs in experiment(s) {experiment_name(TASK)} of the MLflow store {uri}" in printed
+    assert main(["report", "--results", str(tmp_path / "nothing")]) == 2
+    assert "there is no MLflow store at" in " ".join(capsys.readouterr().out.split())

@@ -15,7 +15,7 @@ import tasks
 from bench.profile import add_profile_parser, profile_command
 from bench.step import GRAD_LEVELS
 from bench.report import add_report_parser, report_command
-from bench.spec import OPTIMIZERS, RUN_DEFAULTS, SCHEDULERS, hparams_from_flags, load_config_file, parse_assignments, resolve_spec
+from bench.spec import OPTIMIZERS, RUN_DEFAULTS, SCHEDULERS, hparams_from_flags, load_config_file, option_value, parse_assignments, resolve_spec
 from bench.sweep_cli import StorageOptions, add_run_sweep_options, add_tune_parser, add_worker_parser
 
 
@@ -60,19 +60,6 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass (CUDA only)")
 
 
-def _option_value(text: str) -> Any:
-    """A task option from the command line: int, float, true/false, or the string itself."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    return text
-
-
 def flags_to_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config-file layer, flag layer) from parsed ``run`` arguments."""
     given = dict(vars(args))
@@ -83,7 +70,7 @@ def flags_to_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         if key in given:
             task_options[key] = given.pop(key)
     for key, value in parse_assignments(given.pop("task_opt", []), "--task-opt").items():
-        task_options[key] = _option_value(value)
+        task_options[key] = option_value(value)
     if task_options:
         given["task_options"] = task_options
     if "hp" in given:

@@ -33,7 +33,7 @@ from rich.table import Table
 
 import methods
 import tasks
-from bench.spec import parse_assignments
+from bench.spec import option_value, parse_assignments
 from bench.step import GRAD_LEVELS, autocast, seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
 from methods.base import EpochStats
@@ -134,7 +134,7 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
     """Run the profile and print the table; exit code 2 on bad input."""
     try:
         names = expand_methods(args.methods)
-        options = {"image_size": args.image_size, **{k: _value(v) for k, v in parse_assignments(args.task_opt, "--task-opt").items()}}
+        options = {"image_size": args.image_size, **{k: option_value(v) for k, v in parse_assignments(args.task_opt, "--task-opt").items()}}
         suite = tasks.create(args.task, **options)
         n_tasks = args.n_tasks or suite.n_tasks
         if not 2 <= n_tasks <= suite.n_tasks:
@@ -170,12 +170,6 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
                  "backbone": args.backbone, "steps": args.steps, "warmup": args.warmup, "amp": args.amp}
         Path(args.json).write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=2) + "\n")
     return 0
-
-
-def _value(text: str) -> Any:
-    from bench.cli import _option_value
-
-    return _option_value(text)
 
 
 def _print_table(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace, suite: tasks.TaskSuite,

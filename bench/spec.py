@@ -116,6 +116,19 @@ def parse_assignments(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def option_value(text: str) -> Any:
+    """A task option from the command line: int, float, true/false, or the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return text
+
+
 def hparams_from_flags(items: list[str]) -> dict[str, dict[str, str]]:
     """``--hp cagrad.calpha=0.4`` items -> ``{"cagrad": {"calpha": "0.4"}}``."""
     out: dict[str, dict[str, str]] = {}

@@ -137,7 +137,9 @@ class MultiLabelSuite(TaskSuite):
 
     def _image_model_config(self) -> dict[str, Any]:
         """The options of :meth:`_set_image_model_options`, for :meth:`config`."""
-        augmentation = self.augmentation or BatchAugmentation(crop_scale_min=1.0, flip=False, max_rotation=0.0)
+        augmentation = self.augmentation
+        if augmentation is None:
+            raise RuntimeError("call _set_image_model_options before _image_model_config")
         return {
             "pretrained": self.pretrained,
             "normalization": self.normalization,

@@ -34,7 +34,7 @@ def _run_parser(commands: Any) -> None:
 def add_run_options(run: argparse.ArgumentParser) -> None:
     """The options of a run spec, shared by ``run`` and ``tune``."""
     run.add_argument("--config", help="YAML or TOML file with run options (flags override it)")
-    run.add_argument("--methods", help="'all' (every native method) or a comma list; libmtl:<name> allowed")
+    run.add_argument("--methods", help="'all' (every native method), 'libmtl:all', or a comma list; libmtl:<name> allowed")
     run.add_argument("--task", help=f"task suite: {', '.join(tasks.available())}")
     run.add_argument("--seeds", help=f"comma list of seeds (default {RUN_DEFAULTS['seeds'][0]})")
     run.add_argument("--epochs", type=int, help="training epochs (default: the suite's)")

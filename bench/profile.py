@@ -1,11 +1,15 @@
 """``python -m bench profile``: the cost of one training step per method, beside the floor and LibMTL.
 
-Every method trains the same freshly seeded model on the same fixed batch (so data loading is
-not measured) for ``--warmup`` steps, then ``--steps`` timed steps through
-:func:`bench.step.training_step`, the very step the training engine runs. Each step is timed
-by phase with :class:`bench.timing.PhaseTimer` (CUDA events on a GPU, the monotonic clock on
-a CPU); the table shows medians over steps. Methods with an epoch-level schedule are first
-moved past their first epoch (GradNorm weighs by gradients only from its second epoch).
+Every method trains its own copy of the same freshly seeded model on the same fixed batch (so
+data loading is not measured) through :func:`bench.step.training_step`, the very step the
+training engine runs. After ``--warmup`` untimed steps each, the ``--steps`` timed steps are
+taken in rounds: one step of every method per round, the order rotated each round, so slow
+drifts of the machine (other load, frequency, memory state) fall on all methods alike instead
+of on whichever ran last (all the models stay in memory together: for a large model, profile
+a few methods at a time). Each step is timed by phase with :class:`bench.timing.PhaseTimer`
+(CUDA events on a GPU, the monotonic clock on a CPU); the table shows medians over steps.
+Methods with an epoch-level schedule are first moved past their first epoch (GradNorm weighs by
+gradients only from its second epoch).
 
 Two ratios, measured in the same process:
 
@@ -14,30 +18,36 @@ Two ratios, measured in the same process:
   forward pass, a plain loop of one ``torch.autograd.grad`` per task over the shared
   parameters, and the optimizer step (the floor does not even add the T gradients up).
 
-Peak memory is the allocator's peak on a GPU and the resident set size on a CPU, sampled at
-every phase boundary, with its increase over the method's start.
+Memory per method: ``state MB``, the bytes of its model, optimizer state and method parameters
+(counted from the tensors); ``step +MB``, the rise during one extra, untimed step over the
+step's start (the allocator's peak on a GPU; on a CPU the kernel's peak resident set size, after
+handing freed heap memory back to the system); ``peak MB``, their sum.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import platform
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 import methods
 import tasks
-from bench.spec import option_value, parse_assignments
+from bench.spec import option_value, parse_assignments, resolve_methods
 from bench.step import GRAD_LEVELS, autocast, seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
 from methods.base import EpochStats
-from methods.libmtl import LIBMTL_METHODS, LibMTLDefectError
+from methods.libmtl import LibMTLDefectError
 
 FLOOR = "floor"
 
@@ -66,19 +76,8 @@ def add_profile_parser(commands: Any) -> None:
 
 
 def expand_methods(text: str) -> list[str]:
-    """``all`` -> every native method; ``libmtl:all`` -> every LibMTL method; names kept in order."""
-    names: list[str] = []
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        if item == "all":
-            names += methods.available()
-        elif item == "libmtl:all":
-            names += [f"libmtl:{name}" for name in LIBMTL_METHODS]
-        else:
-            names.append(item)
-    unknown = [n for n in names if n not in methods.available(include_libmtl=True)]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; see python -m bench list")
-    return list(dict.fromkeys(["ew", *names]))
+    """The methods to profile (``all``, ``libmtl:all`` or a comma list), with ``ew`` first."""
+    return list(dict.fromkeys(["ew", *resolve_methods(text)]))
 
 
 def _floor_step(model: Any, suite: tasks.TaskSuite, optimizer: torch.optim.Optimizer, x: Any, y: Any,
@@ -96,38 +95,114 @@ def _floor_step(model: Any, suite: tasks.TaskSuite, optimizer: torch.optim.Optim
     timer.step()
 
 
-def profile_method(name: str, suite: tasks.TaskSuite, batch: tuple[Any, Any], args: argparse.Namespace,
-                   device: torch.device, n_tasks: int) -> dict[str, Any]:
-    """Median ms per phase and per step, and peak memory, of ``name`` (or the floor)."""
+@dataclass
+class _Contestant:
+    """One method's model, optimizer and measurements in an interleaved profile."""
+
+    name: str
+    model: Any
+    method: methods.Method | None  # None: the floor
+    optimizer: torch.optim.Optimizer
+    shared: list[torch.Tensor]
+    steps: list[dict[str, float]] = field(default_factory=list)
+    step_increase_mb: float = 0.0
+    refused: str | None = None
+
+
+def _prepare(name: str, suite: tasks.TaskSuite, batch: tuple[Any, Any], args: argparse.Namespace,
+             device: torch.device, n_tasks: int) -> _Contestant:
     seed_everything(0)
     model = suite.build_model(args.backbone).to(device)
-    shared = model.shared_parameters()
     method = None
     if name != FLOOR:
         method = methods.create(name, n_tasks, **supplied_hparams({}, suite, name, seed=0, n_tasks=n_tasks)).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *(method.parameters() if method else [])], lr=1e-4)
-    x, y = batch
-    timer = PhaseTimer(device)
+    contestant = _Contestant(name, model, method, optimizer, model.shared_parameters())
     if method is not None:  # one epoch of one step: past the first-epoch schedules (GradNorm)
-        _, losses, _ = training_step(model, suite, method, optimizer, x, y, shared, timer,
-                                     grad_level=args.grad_level, amp=args.amp, n_tasks=n_tasks)
+        _take_step(contestant, suite, batch, args, n_tasks)
+        with torch.no_grad():
+            losses = suite.losses(model(batch[0]), batch[1]).float()[:n_tasks]
         method.epoch_end(EpochStats(train_loss=losses.cpu(), train_accuracy=torch.full((n_tasks,), 0.5)))
-        timer.epoch()
-    per_step: list[dict[str, float]] = []
-    peak = increase = 0.0
-    for step in range(args.warmup + args.steps):
-        if method is None:
-            _floor_step(model, suite, optimizer, x, y, shared, timer, n_tasks)
+    return contestant
+
+
+def _state_mb(contestant: _Contestant) -> float:
+    """MB of the contestant's parameters, method parameters and optimizer state."""
+    method_params = list(contestant.method.parameters()) if contestant.method is not None else []
+    optimizer_state = [t for state in contestant.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors = [*contestant.model.parameters(), *method_params, *optimizer_state]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _take_step(contestant: _Contestant, suite: tasks.TaskSuite, batch: tuple[Any, Any], args: argparse.Namespace,
+               n_tasks: int, measure_memory: bool = False) -> None:
+    """One step of ``contestant``; a LibMTL method that refuses the input is marked refused.
+
+    A timed step is recorded in ``steps``; with ``measure_memory`` the step is not timed but
+    its memory rise is recorded, from a heap handed back to the system first (doing so before
+    a timed step would make it pay the page faults of memory the allocator would have reused).
+    """
+    if measure_memory:
+        _return_free_memory()
+    timer = PhaseTimer(next(contestant.model.parameters()).device)
+    try:
+        if contestant.method is None:
+            _floor_step(contestant.model, suite, contestant.optimizer, *batch, contestant.shared, timer, n_tasks)
         else:
-            training_step(model, suite, method, optimizer, x, y, shared, timer,
-                          grad_level=args.grad_level, amp=args.amp, n_tasks=n_tasks)
-        timing = timer.epoch()
-        if step >= args.warmup:
-            per_step.append({**timing.ms_per_step, "step": timing.step_ms})
-            peak, increase = max(peak, timing.peak_memory_mb), max(increase, timing.peak_memory_increase_mb)
-    median = {key: statistics.median(s.get(key, 0.0) for s in per_step) for key in (*STEP_PHASES, "step")}
-    return {"method": name, "grad_level": args.grad_level if method is not None else "parameters",
-            "ms": median, "peak_memory_mb": peak, "peak_memory_increase_mb": increase}
+            training_step(contestant.model, suite, contestant.method, contestant.optimizer, *batch, contestant.shared,
+                          timer, grad_level=args.grad_level, amp=args.amp, n_tasks=n_tasks)
+    except LibMTLDefectError as error:
+        contestant.refused = str(error)
+        return
+    timing = timer.epoch()
+    if measure_memory:
+        contestant.step_increase_mb = timing.peak_memory_increase_mb
+    else:
+        contestant.steps.append({**timing.ms_per_step, "step": timing.step_ms})
+
+
+def _return_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc), so a step's RSS rise is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the RSS rise may undercount reused memory
+        pass
+
+
+def profile_methods(names: list[str], suite: tasks.TaskSuite, batch: tuple[Any, Any], args: argparse.Namespace,
+                    device: torch.device, n_tasks: int) -> list[dict[str, Any]]:
+    """Rows for the floor and ``names``: median ms per phase and per step, memory, or the refusal."""
+    contestants, refusals = [], {}
+    for name in track([FLOOR, *names], description="building models"):
+        try:
+            contestants.append(_prepare(name, suite, batch, args, device, n_tasks))
+        except LibMTLDefectError as error:  # LibMTL refuses this task count outright
+            refusals[name] = str(error)
+    for contestant in track(contestants, description="warm-up"):
+        for _ in range(args.warmup):
+            if contestant.refused is None:
+                _take_step(contestant, suite, batch, args, n_tasks)
+        contestant.steps.clear()
+    for round_index in track(range(args.steps), description="timed rounds"):
+        active = [c for c in contestants if c.refused is None]
+        shift = round_index % len(active)
+        for contestant in active[shift:] + active[:shift]:
+            _take_step(contestant, suite, batch, args, n_tasks)
+    for contestant in contestants:
+        if contestant.refused is None:
+            _take_step(contestant, suite, batch, args, n_tasks, measure_memory=True)
+    rows = []
+    by_name = {c.name: c for c in contestants}
+    for name in [FLOOR, *names]:
+        c = by_name.get(name)
+        if c is None or c.refused is not None:
+            rows.append({"method": name, "refused": refusals.get(name) or c.refused})
+            continue
+        median = {key: statistics.median(s.get(key, 0.0) for s in c.steps) for key in (*STEP_PHASES, "step")}
+        rows.append({"method": c.name, "grad_level": args.grad_level if c.method is not None else "parameters",
+                     "ms": median, "state_mb": _state_mb(c), "peak_memory_increase_mb": c.step_increase_mb,
+                     "peak_memory_mb": _state_mb(c) + c.step_increase_mb})
+    return rows
 
 
 def profile_command(args: argparse.Namespace, console: Console) -> int:
@@ -149,13 +224,7 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
     loader = torch.utils.data.DataLoader(suite.splits()["train"], batch_size=args.batch_size, shuffle=False)
     x, y = next(iter(loader))
     batch = (x.to(device), y.to(device))
-    rows = []
-    for name in [FLOOR, *names]:
-        console.print(f"profiling {name} ...")
-        try:
-            rows.append(profile_method(name, suite, batch, args, device, n_tasks))
-        except LibMTLDefectError as error:
-            rows.append({"method": name, "refused": str(error)})
+    rows = profile_methods(names, suite, batch, args, device, n_tasks)
     ew = next(r for r in rows if r["method"] == "ew")["ms"]["step"]
     floor = next(r for r in rows if r["method"] == FLOOR)["ms"]["step"]
     for row in rows:
@@ -165,6 +234,7 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
                    "torch": torch.__version__, "device": str(device),
+                   "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
         setup = {"task": args.task, "n_tasks": n_tasks, "batch_size": args.batch_size, "image_size": args.image_size,
                  "backbone": args.backbone, "steps": args.steps, "warmup": args.warmup, "amp": args.amp}
@@ -175,15 +245,15 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
 def _print_table(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace, suite: tasks.TaskSuite,
                  n_tasks: int, device: torch.device) -> None:
     table = Table(title=f"{args.task}, {n_tasks} tasks, {args.backbone}, {args.image_size} px, batch {args.batch_size}, "
-                        f"{device}, median of {args.steps} steps (ms)")
-    for column in ("method", "level", *STEP_PHASES, "step", "x EW", "x floor", "peak MB", "+MB"):
+                        f"{device}, median of {args.steps} interleaved steps (ms)")
+    for column in ("method", "level", *STEP_PHASES, "step", "x EW", "x floor", "state MB", "step +MB", "peak MB"):
         table.add_column(column, justify="left" if column in ("method", "level") else "right")
     for row in rows:
         if "refused" in row:
-            table.add_row(row["method"], "", *[""] * len(STEP_PHASES), "refused", "", "", "", "")
+            table.add_row(row["method"], "", *[""] * len(STEP_PHASES), "refused", "", "", "", "", "")
             continue
         ms = row["ms"]
         table.add_row(row["method"], row["grad_level"], *[f"{ms[p]:.0f}" for p in STEP_PHASES], f"{ms['step']:.0f}",
-                      f"{row['x_ew']:.2f}", f"{row['x_floor']:.2f}", f"{row['peak_memory_mb']:.0f}",
-                      f"{row['peak_memory_increase_mb']:.0f}")
+                      f"{row['x_ew']:.2f}", f"{row['x_floor']:.2f}", f"{row['state_mb']:.0f}",
+                      f"{row['peak_memory_increase_mb']:.0f}", f"{row['peak_memory_mb']:.0f}")
     console.print(table)

@@ -174,11 +174,16 @@ def _number(value: Any, flag: str) -> float:
 
 
 def resolve_methods(value: Any) -> list[str]:
-    """``all`` -> every native method; otherwise a validated list (``libmtl:<name>`` allowed)."""
+    """``all`` -> every native method, ``libmtl:all`` -> every LibMTL one; otherwise a validated
+    list (``libmtl:<name>`` allowed), in order, without repeats."""
     names = _as_list(value, str, "--methods")
+    every = {
+        "all": methods.available(),
+        "libmtl:all": [n for n in methods.available(include_libmtl=True) if n.startswith("libmtl:")],
+    }
     resolved: list[str] = []
     for name in names:
-        expanded = methods.available() if name == "all" else [name]
+        expanded = every.get(name, [name])
         for method in expanded:
             methods.method_class(method)  # raises with the list of valid names
             if method not in resolved:

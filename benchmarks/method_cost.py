@@ -6,7 +6,7 @@ tasks with feature-level gradients; ResNet-18, 64 px, batch 16 by default. Each 
 JSON (rows, setup and machine) goes to ``--out``, and a Markdown table of all three to stdout.
 On a GPU machine the same command times with CUDA events (``--device cuda``; ``--amp`` for bf16).
 
-    python benchmarks/method_cost.py --steps 3 --out results/method-cost
+    python benchmarks/method_cost.py --steps 10 --out results/method-cost
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def markdown(profiles: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", default="3")
-    parser.add_argument("--warmup", default="1")
+    parser.add_argument("--steps", default="10")
+    parser.add_argument("--warmup", default="2")
     parser.add_argument("--device", default=None)
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--out", default="results/method-cost")

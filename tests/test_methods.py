@@ -421,6 +421,36 @@ def test_gradient_methods_accumulate_into_existing_grad(mtl, name):
         torch.testing.assert_close(b.grad - 0.25, a.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_task_jacobian_rows_match_autograd_and_zero_where_a_parameter_is_unreached(monkeypatch):
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))  # J starts as garbage
+    torch.manual_seed(3)
+    trunk, side = nn.Linear(4, 5), nn.Linear(4, 5)  # only task 0 reads `side`
+    unused = nn.Parameter(torch.randn(3))  # shared but in no task's graph
+    heads = nn.ModuleList(nn.Linear(5, 1) for _ in range(3))
+    x = torch.randn(6, 4)
+    z = trunk(x).tanh()
+    losses = torch.stack([
+        (heads[0](z + side(x)) ** 2).mean(), heads[1](z).pow(2).mean(), heads[2](z).abs().mean()
+    ])
+    shared = [*trunk.parameters(), unused, *side.parameters()]
+    for p in shared:
+        p.grad = torch.full_like(p, 7.0)
+    expected = torch.stack([
+        torch.cat([torch.zeros(3) if g is None else g.reshape(-1)
+                   for g in torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)])
+        for t in range(3)
+    ])
+    head_expected = [torch.autograd.grad(losses[t], heads[t].weight, retain_graph=True)[0] for t in range(3)]
+    jac = methods.task_jacobian(losses, shared)
+    torch.testing.assert_close(jac, expected)
+    start = trunk.weight.numel() + trunk.bias.numel()
+    assert (jac[:, start : start + 3] == 0).all() and (jac[1:, start + 3 :] == 0).all()
+    assert all((p.grad == 7.0).all() for p in shared)  # held gradients restored
+    for t in range(3):
+        torch.testing.assert_close(heads[t].weight.grad, head_expected[t])
+
+
 def test_duplicate_shared_params_are_counted_once(mtl):
     net = mtl.make_net(3, seed=9)
     ref = copy.deepcopy(net)

@@ -27,7 +27,8 @@ def test_profile_writes_phases_ratios_and_the_machine(tmp_path: Path) -> None:
         assert ms["step"] == pytest.approx(ms["forward"] + ms["gradients"] + ms["weighting"] + ms["optimizer"], rel=0.25)
         assert rows[name]["x_ew"] == pytest.approx(ms["step"] / rows["ew"]["ms"]["step"])
         assert rows[name]["x_floor"] == pytest.approx(ms["step"] / rows["floor"]["ms"]["step"])
-        assert rows[name]["peak_memory_mb"] > 0
+        assert rows[name]["state_mb"] > 0 and rows[name]["peak_memory_mb"] == pytest.approx(
+            rows[name]["state_mb"] + rows[name]["peak_memory_increase_mb"])
     assert rows["mgda"]["ms"]["weighting"] > 0 and rows["ew"]["x_ew"] == 1.0
 
 
@@ -40,11 +41,12 @@ def test_profile_feature_level_names_the_mode(tmp_path: Path) -> None:
 
 def test_profile_bad_input_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "--methods", "mgda,nonsense", *SMALL]) == 2
-    assert "unknown method(s) nonsense" in capsys.readouterr().out
+    assert "unknown method 'nonsense'" in capsys.readouterr().out
     assert main(["profile", "--methods", "ew", "--tasks", "20", *SMALL]) == 2
     assert main(["profile", "--methods", "ew", "--amp", "--device", "cpu", *SMALL]) == 2
 
 
 def test_expand_methods_puts_ew_first_and_expands_all() -> None:
     assert expand_methods("mgda") == ["ew", "mgda"]
-    assert expand_methods("libmtl:all")[1:] == [f"libmtl:{n}" for n in ("ew", "uw", "gradnorm", "mgda", "pcgrad", "cagrad")]
+    assert expand_methods("libmtl:all")[1:] == [f"libmtl:{n}" for n in ("cagrad", "ew", "gradnorm", "mgda", "pcgrad", "uw")]
+    assert expand_methods("all,mgda,ew") == ["ew", "cagrad", "deepchest", "gradnorm", "mgda", "pcgrad", "uw", "uwo", "uwso"]

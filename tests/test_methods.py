@@ -451,6 +451,21 @@ def test_task_jacobian_rows_match_autograd_and_zero_where_a_parameter_is_unreach
         torch.testing.assert_close(heads[t].weight.grad, head_expected[t])
 
 
+def test_gradient_methods_refuse_non_float32_shared_parameters_loss_methods_do_not():
+    torch.manual_seed(4)
+    encoder, heads = nn.Linear(3, 4).double(), nn.ModuleList(nn.Linear(4, 1).double() for _ in range(2))
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def losses():
+        z = encoder(x)
+        return torch.stack([heads[t](z).pow(2).mean() for t in range(2)]).float()
+
+    with pytest.raises(ValueError, match="float32 shared parameters.*torch.float64"):
+        methods.create("mgda", 2).backward(losses(), encoder.parameters())
+    methods.create("ew", 2).backward(losses(), encoder.parameters())
+    assert encoder.weight.grad is not None and encoder.weight.grad.dtype == torch.float64
+
+
 def test_duplicate_shared_params_are_counted_once(mtl):
     net = mtl.make_net(3, seed=9)
     ref = copy.deepcopy(net)

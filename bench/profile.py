@@ -199,9 +199,10 @@ def profile_methods(names: list[str], suite: tasks.TaskSuite, batch: tuple[Any, 
             rows.append({"method": name, "refused": refusals.get(name) or c.refused})
             continue
         median = {key: statistics.median(s.get(key, 0.0) for s in c.steps) for key in (*STEP_PHASES, "step")}
+        state = _state_mb(c)
         rows.append({"method": c.name, "grad_level": args.grad_level if c.method is not None else "parameters",
-                     "ms": median, "state_mb": _state_mb(c), "peak_memory_increase_mb": c.step_increase_mb,
-                     "peak_memory_mb": _state_mb(c) + c.step_increase_mb})
+                     "ms": median, "state_mb": state, "peak_memory_increase_mb": c.step_increase_mb,
+                     "peak_memory_mb": state + c.step_increase_mb})
     return rows
 
 

@@ -423,7 +423,8 @@ def test_gradient_methods_accumulate_into_existing_grad(mtl, name):
 
 def test_task_jacobian_rows_match_autograd_and_zero_where_a_parameter_is_unreached(monkeypatch):
     empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))  # J starts as garbage
+    # were J ever allocated uninitialised, it would start as garbage here
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
     torch.manual_seed(3)
     trunk, side = nn.Linear(4, 5), nn.Linear(4, 5)  # only task 0 reads `side`
     unused = nn.Parameter(torch.randn(3))  # shared but in no task's graph

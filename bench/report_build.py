@@ -365,6 +365,7 @@ class _Builder:
         for metric, c in comparisons.items():
             if "friedman" not in c:
                 continue
+            all_tied = "tie_corrected_undefined" in c["friedman"]
             rows.append(
                 {
                     "metric": metric,
@@ -374,7 +375,9 @@ class _Builder:
                     "F_F": number(c["iman_davenport"]["statistic"], 2),
                     "p (F_F)": _pvalue(c["iman_davenport"]["pvalue"]),
                     f"CD (α={self.options.alpha})": f"{c['nemenyi_cd']:.3f}",
-                    "best mean rank": _best_ranked(c["average_ranks"]),
+                    "best mean rank": (
+                        "none: every block ties" if all_tied else _best_ranked(c["average_ranks"])
+                    ),
                 }
             )
             numbers.append(
@@ -386,6 +389,7 @@ class _Builder:
                     "iman_davenport": c["iman_davenport"]["statistic"],
                     "iman_davenport_pvalue": c["iman_davenport"]["pvalue"],
                     "nemenyi_cd": c["nemenyi_cd"],
+                    "every_block_ties": all_tied,
                 }
             )
         if rows:

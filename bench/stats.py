@@ -8,7 +8,8 @@ ranked, 1 = best (ties share the average rank). Then:
   (Demsar 2006, Sec. 3.2.2, without a correction for ties):
   ``chi2_F = 12 N / (k (k + 1)) * (sum_j R_j^2 - k (k + 1)^2 / 4)``, chi-squared with
   ``k - 1`` degrees of freedom. SciPy's ``friedmanchisquare`` (which corrects for ties) is
-  reported next to it.
+  reported next to it; when every block ties all methods it is 0/0, left NaN and said to be
+  undefined.
 - Iman and Davenport's correction: ``F_F = (N - 1) chi2_F / (N (k - 1) - chi2_F)``, F
   distributed with ``k - 1`` and ``(k - 1)(N - 1)`` degrees of freedom.
 - Nemenyi's critical difference ``CD = q_alpha sqrt(k (k + 1) / (6 N))`` with ``q_alpha`` the
@@ -294,7 +295,8 @@ def compare(blocks: BlockMatrix, references: Sequence[str], alpha: float = 0.05)
 
     Friedman, Iman-Davenport and Nemenyi need at least three methods and two blocks; the
     Wilcoxon tests need two methods, two blocks, and the reference among the methods. What
-    cannot be computed is left out and ``notes`` says why.
+    cannot be computed is left out and ``notes`` says why; ``notes`` also says when every
+    block ties, so that no test can tell the methods apart.
     """
     k, n = len(blocks.methods), blocks.n_blocks
     result: dict[str, Any] = {

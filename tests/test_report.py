@@ -249,6 +249,7 @@ def test_all_tied_blocks_are_reported_as_such(tmp_path: Path) -> None:
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"(tie-corrected, SciPy: {reason})" in markdown
     assert "all 6 blocks tie: every method (ew, deepchest, uw) has the same auroc in every block" in markdown
+    assert "| 0.00 | 1.000 | 0.00 | 1.000 | 1.353 | none: every block ties |" in markdown  # Friedman table
     assert html.escape(reason) in (tmp_path / "out" / "report.html").read_text()
 
 

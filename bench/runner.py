@@ -122,7 +122,7 @@ def _run_cells(
 
 def aggregate(primary_metric: str, results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """One row per method: every test metric's mean and sample std over finished seeds (the
-    primary metric first; std NaN below two seeds), cost with its spread, the training steps
+    primary metric first; std ``None`` below two seeds), cost with its spread, the training steps
     timed in each run, run counts."""
     rows = []
     methods_in_order = list(dict.fromkeys(r.method for r in results))
@@ -152,10 +152,10 @@ def _mean(values: Sequence[float | None]) -> float:
     return statistics.fmean(present) if present else math.nan
 
 
-def _std(values: Sequence[float | None]) -> float:
-    """Sample standard deviation; NaN below two values, where there is no spread to show."""
+def _std(values: Sequence[float | None]) -> float | None:
+    """Sample standard deviation; ``None`` (null in the summary JSON) below two values, where there is no spread."""
     present = _present(values)
-    return statistics.stdev(present) if len(present) > 1 else math.nan
+    return statistics.stdev(present) if len(present) > 1 else None
 
 
 def summary_table(task: str, primary_metric: str, results: Sequence[RunResult]) -> Table:

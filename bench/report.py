@@ -46,8 +46,8 @@ def add_report_parser(commands: Any) -> None:
     )
     report.add_argument(
         "--reference",
-        default="deepchest",
-        help="method every other is tested against (default deepchest; ew is always a reference too)",
+        help="method every other is tested against (default ew when it ran, else the first method; "
+        "ew is always a reference too)",
     )
     report.add_argument("--out", help="report directory (default <results>/report)")
     report.add_argument(
@@ -117,6 +117,7 @@ def report_command(args: argparse.Namespace, console: Console, argv: Sequence[st
         return 2
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"reference method of the tests: {report.stats['reference']} ({report.stats['reference_reason']})")
     console.print(
         f"report: {report.directory / 'report.md'} and report.html; statistics: stats.json; {len(report.files)} files in {report.directory}"
     )

@@ -19,6 +19,7 @@ import pandas as pd
 
 from bench import report_plots
 from bench.delta_m import CONVENTIONS, delta_m
+from bench.display import count_range, mean_std, number
 from bench.report_render import Figure, Heading, Paragraph, Part, Table, to_html, to_markdown, write_latex_tables
 from bench.results_io import MetricInfo, Results, load_histories, load_test_predictions, metric_info
 from bench.stats import (
@@ -48,7 +49,8 @@ class ReportOptions:
         out: the report directory.
         metric: the metric to compare by (a key such as ``mean_auroc`` or a family such as
             ``auroc``); ``None``: the primary metric's per-task family when there is one.
-        reference: the method every other is tested against (also always against ``ew``).
+        reference: the method every other is tested against (also always against ``ew``);
+            ``None``: ``ew`` when it ran, else the first method.
         alpha: significance level of the Nemenyi critical difference.
         bootstrap_resamples: resamples of the paired bootstrap; 0 skips it.
         minimize: metric keys or families that are better when lower (for data sets that
@@ -58,7 +60,7 @@ class ReportOptions:
 
     out: Path
     metric: str | None = None
-    reference: str = "deepchest"
+    reference: str | None = None
     alpha: float = 0.05
     bootstrap_resamples: int = 1000
     minimize: tuple[str, ...] = ()
@@ -77,17 +79,6 @@ class Report:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-
-
-def _number(value: float, digits: int) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _mean_std(mean: float, std: float, n: int, digits: int = 4) -> str:
-    """``mean ± std`` (sample std over seeds); the mean alone for a single seed."""
-    if n <= 1 or math.isnan(std):
-        return _number(mean, digits)
-    return f"{_number(mean, digits)} ± {_number(std, digits)}"
 
 
 def _pvalue(p: float) -> str:
@@ -123,6 +114,17 @@ def _best_ranked(average_ranks: dict[str, float]) -> str:
     return ", ".join(m for m, r in average_ranks.items() if r == best)
 
 
+def _reference(requested: str | None, methods: Sequence[str]) -> tuple[str, str]:
+    """The method every other is tested against, and why it is that one, in words."""
+    if requested is not None:
+        return requested, "chosen with --reference"
+    if EQUAL_WEIGHTING in methods:
+        return EQUAL_WEIGHTING, f"the default: {EQUAL_WEIGHTING} is among the methods; --reference chooses another"
+    return methods[0], (
+        f"the default: {EQUAL_WEIGHTING} is not among the methods, so the first one is; --reference chooses another"
+    )
+
+
 def choose_metric(keys: Sequence[str], requested: str | None, primary: dict[str, str]) -> str:
     """The metric to compare by: ``requested``, else the primary metric's per-task family.
 
@@ -155,8 +157,8 @@ def _direction(metric: str, keys: Sequence[str], info: MetricInfo) -> str:
 
 
 def _seed_summary(quality: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std and count over seeds of every (dataset, metric, method)."""
-    return quality.groupby(["dataset", "metric", "method"])["value"].agg(["mean", "std", "count"])
+    """Mean and sample std over seeds of every (dataset, metric, method); the std is NaN for one seed."""
+    return quality.groupby(["dataset", "metric", "method"])["value"].agg(["mean", "std"])
 
 
 class _Builder:
@@ -172,11 +174,13 @@ class _Builder:
         self.metric = choose_metric(self.keys, options.metric, self.info.primary)
         self.methods = list(dict.fromkeys(self.quality["method"]))
         self.datasets = list(dict.fromkeys(self.quality["dataset"]))
-        self.references = tuple(dict.fromkeys((options.reference, EQUAL_WEIGHTING)))
+        self.reference, self.reference_reason = _reference(options.reference, self.methods)
+        self.references = tuple(dict.fromkeys((self.reference, EQUAL_WEIGHTING)))
         self.summary = _seed_summary(self.quality)
         self.parts: list[Part] = []
         self.warnings: list[str] = [*results.warnings]
         self.tables: dict[str, list[dict[str, Any]]] = {}
+        self.tabulated: set[str] = set()  # the metric keys whose means over seeds a table shows
         self.figures_dir = options.out / "figures"
 
     # ----- statistics -------------------------------------------------------------------
@@ -269,7 +273,7 @@ class _Builder:
         self.tables[table.name] = json.loads(numbers.to_json(orient="records"))
 
     def summary_table(self, ranks: dict[str, float], deltas: pd.DataFrame) -> None:
-        scalars = [k for k in self.keys if "/" not in k] if len(self.datasets) == 1 else []
+        shown = self.info.reported[self.datasets[0]] if len(self.datasets) == 1 else ()
         numbers = pd.DataFrame(index=self.methods)
         cells = pd.DataFrame({"method": self.methods}, index=self.methods)
         bold = pd.DataFrame(False, index=self.methods, columns=cells.columns)
@@ -277,22 +281,23 @@ class _Builder:
         seeds = self.quality.groupby("method")["seed"].nunique()
         cells["seeds"] = [str(seeds.get(m, 0)) for m in self.methods]
         numbers["seeds"] = [int(seeds.get(m, 0)) for m in self.methods]
-        for key in scalars:
+        self.tabulated.update(shown)
+        for key in shown:
             per_method = self.summary.loc[(dataset, key)].reindex(self.methods)
             numbers[f"{key}_mean"], numbers[f"{key}_std"] = per_method["mean"], per_method["std"]
-            cells[key] = [_mean_std(r["mean"], r["std"], r["count"]) for _, r in per_method.iterrows()]
+            cells[key] = [mean_std(r["mean"], r["std"], 4) for _, r in per_method.iterrows()]
             bold[key] = _best_mask(per_method[["mean"]], self.info.directions[key] == "maximize", axis=0)["mean"]
         if ranks:
             column = f"mean rank ({self.metric})"
             numbers["mean_rank"] = pd.Series(ranks)
-            cells[column] = [_number(ranks.get(m, math.nan), 2) for m in self.methods]
+            cells[column] = [number(ranks.get(m, math.nan), 2) for m in self.methods]
             bold[column] = _best_mask(numbers[["mean_rank"]], False, axis=0)["mean_rank"]
         for (baseline, convention), values in deltas.items():
             column = f"Δm% vs {baseline} ({convention})"
             numbers[f"delta_m_vs_{baseline}_{convention}"] = values
-            cells[column] = [_number(values.get(m, math.nan), 2) for m in self.methods]
+            cells[column] = [number(values.get(m, math.nan), 2) for m in self.methods]
         numbers.insert(0, "method", self.methods)
-        caption = "Test metrics, mean ± std over seeds (sample std); best in bold"
+        caption = "Test metrics, mean ± std over seeds (sample std; the mean alone from one seed); best in bold"
         self.add_table(Table("summary", caption, cells.reset_index(drop=True), bold.reset_index(drop=True)), numbers)
 
     def per_block_table(self) -> None:
@@ -303,16 +308,13 @@ class _Builder:
         if not has_tasks and len(self.datasets) == 1:
             return
         rows = rows.assign(task=rows["metric"].map(task_of))
+        self.tabulated.update(rows["metric"])
         label = (["dataset"] if len(self.datasets) > 1 else []) + (["task"] if has_tasks else [])
         means = rows.pivot_table(index=label, columns="method", values="mean").reindex(columns=self.methods)
         stds = rows.pivot_table(index=label, columns="method", values="std", dropna=False).reindex_like(means)
-        counts = rows.pivot_table(index=label, columns="method", values="count").reindex_like(means)
         cells = pd.DataFrame(index=means.index, columns=self.methods, dtype=object)
         for method in self.methods:
-            cells[method] = [
-                _mean_std(m, s, 0 if math.isnan(c) else int(c))
-                for m, s, c in zip(means[method], stds[method], counts[method])
-            ]
+            cells[method] = [mean_std(m, s, 4) for m, s in zip(means[method], stds[method])]
         maximize = _direction(self.metric, self.keys, self.info) == "maximize"
         bold = _best_mask(means, maximize, axis=1)
         index_labels = [" / ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in means.index]
@@ -363,16 +365,19 @@ class _Builder:
         for metric, c in comparisons.items():
             if "friedman" not in c:
                 continue
+            all_tied = "tie_corrected_undefined" in c["friedman"]
             rows.append(
                 {
                     "metric": metric,
                     "blocks": f"{c['n_blocks']} ({c['blocks']})",
                     "χ²_F": f"{c['friedman']['statistic']:.2f}",
                     "p": _pvalue(c["friedman"]["pvalue"]),
-                    "F_F": _number(c["iman_davenport"]["statistic"], 2),
+                    "F_F": number(c["iman_davenport"]["statistic"], 2),
                     "p (F_F)": _pvalue(c["iman_davenport"]["pvalue"]),
                     f"CD (α={self.options.alpha})": f"{c['nemenyi_cd']:.3f}",
-                    "best mean rank": _best_ranked(c["average_ranks"]),
+                    "best mean rank": (
+                        "none: every block ties" if all_tied else _best_ranked(c["average_ranks"])
+                    ),
                 }
             )
             numbers.append(
@@ -384,6 +389,7 @@ class _Builder:
                     "iman_davenport": c["iman_davenport"]["statistic"],
                     "iman_davenport_pvalue": c["iman_davenport"]["pvalue"],
                     "nemenyi_cd": c["nemenyi_cd"],
+                    "every_block_ties": all_tied,
                 }
             )
         if rows:
@@ -419,41 +425,54 @@ class _Builder:
             self.add_table(Table("bootstrap_mean_auroc", caption, cells, bold), pd.DataFrame(numbers))
 
     def cost_frame(self) -> pd.DataFrame:
-        """Mean over seeds of every cost metric, rows (dataset, method)."""
+        """Every cost metric over seeds: columns (statistic, metric) with the statistics ``mean``,
+        ``std`` (sample std, NaN for one seed), ``min``, ``max`` and ``count``; rows (dataset, method)."""
         cost = self.results.cost()
         if cost.empty:
             return pd.DataFrame()
-        frame = cost.pivot_table(index=["dataset", "method"], columns="metric", values="value", aggfunc="mean")
+        frame = cost.pivot_table(
+            index=["dataset", "method"],
+            columns="metric",
+            values="value",
+            aggfunc=["mean", "std", "min", "max", "count"],
+        )
         order = [(d, m) for d in self.datasets for m in self.methods if (d, m) in frame.index]
         return frame.reindex(order)
 
     def cost_table(self, cost: pd.DataFrame) -> None:
-        if cost.empty:
-            return
+        means, stds = cost["mean"], cost["std"]
         numbers = pd.DataFrame(index=cost.index)
         cells = pd.DataFrame(index=cost.index)
         if len(self.datasets) > 1:
             cells["dataset"] = [d for d, _ in cost.index]
         cells["method"] = [m for _, m in cost.index]
+        cells["seeds"] = [str(int(c)) for c in cost["count"].max(axis=1)]
+
+        def add(column: str, label: str, digits: int) -> None:
+            numbers[column], numbers[f"{column}_std"] = means[column], stds[column]
+            cells[label] = [mean_std(m, s, digits) for m, s in zip(means[column], stds[column])]
+
         for phase in COST_PHASES:
-            if f"{phase}_ms" in cost:
-                numbers[f"{phase}_ms"] = cost[f"{phase}_ms"]
-                cells[f"{phase} ms"] = [_number(v, 1) for v in cost[f"{phase}_ms"]]
-        if "step_ms" in cost:
-            numbers["step_ms"] = cost["step_ms"]
-            cells["ms/step"] = [_number(v, 1) for v in cost["step_ms"]]
-            ew = {d: cost.loc[(d, EQUAL_WEIGHTING), "step_ms"] for d, m in cost.index if m == EQUAL_WEIGHTING}
-            ratio = [cost.loc[(d, m), "step_ms"] / ew[d] if d in ew else math.nan for d, m in cost.index]
+            if f"{phase}_ms" in means:
+                add(f"{phase}_ms", f"{phase} ms", 1)
+        if "step_ms" in means:
+            add("step_ms", "ms/step", 1)
+            ew = {d: means.loc[(d, EQUAL_WEIGHTING), "step_ms"] for d, m in cost.index if m == EQUAL_WEIGHTING}
+            ratio = [means.loc[(d, m), "step_ms"] / ew[d] if d in ew else math.nan for d, m in cost.index]
             numbers["ratio_to_ew"] = ratio
-            cells["× EW"] = [_number(v, 2) for v in ratio]
+            cells["× EW"] = [number(v, 2) for v in ratio]
         for column, label, digits in (("peak_memory_mb", "peak MB", 0), ("train_seconds", "train s", 1)):
-            if column in cost:
-                numbers[column] = cost[column]
-                cells[label] = [_number(v, digits) for v in cost[column]]
+            if column in means:
+                add(column, label, digits)
+        if "timed_steps" in means:
+            lowest, highest = cost["min"]["timed_steps"], cost["max"]["timed_steps"]
+            numbers["timed_steps_min"], numbers["timed_steps_max"] = lowest, highest
+            cells["timed steps/run"] = [count_range((lo, hi)) for lo, hi in zip(lowest, highest)]
         numbers = numbers.reset_index()
         caption = (
             "Cost per training step by phase (data loading apart; ms/step sums the others), ratio of ms/step to EW, "
-            "peak memory and training time; means over seeds"
+            "peak memory and training time: mean ± std over seeds (the mean alone from one seed); the training "
+            "steps each run timed"
         )
         self.add_table(Table("cost", caption, cells.reset_index(drop=True)), numbers)
 
@@ -477,7 +496,8 @@ class _Builder:
             if not weights.empty:
                 weights = weights.assign(task=weights["key"].str.removeprefix("train/weight/"))
                 path = report_plots.weight_trajectories(weights, self.figures_dir / f"weights{suffix}.png")
-                self.figure(path, f"Task weights per epoch (mean over seeds), {dataset}")
+                caption = f"Each task's share of the summed training weight per epoch (mean over seeds), {dataset}"
+                self.figure(path, caption)
             for primary in primaries:
                 curves = rows[rows["key"] == f"val/{primary}"]
                 if not curves.empty:
@@ -499,15 +519,19 @@ def _overview(builder: _Builder, comparisons: dict[str, dict[str, Any]]) -> list
     headline = comparisons[builder.metric]
     lines.append(
         f"Methods are compared by `{builder.metric}` ({headline['direction']}; blocks: {headline['blocks']}, "
-        f"{headline['n_blocks']} complete). Ranks: 1 = best."
+        f"{headline['n_blocks']} complete). Ranks: 1 = best. Reference method of the tests: "
+        f"`{builder.reference}` ({builder.reference_reason})."
     )
     return lines
 
 
-def _delta_m_text(info: MetricInfo, deltas: pd.DataFrame) -> str:
-    """The definition of the Delta_m% columns: conventions, sign, baselines, metrics per task."""
+def _delta_m_text(info: MetricInfo, deltas: pd.DataFrame, tabulated: set[str]) -> str:
+    """The definition of the Delta_m% columns: conventions, sign, baselines, metrics per task, and
+    whether the ``tabulated`` metric keys cover the values Delta_m averages."""
     baselines = list(dict.fromkeys(baseline for baseline, _ in deltas.columns))
     one_metric_per_task = all(len(keys) == 1 for groups in info.task_metrics.values() for keys in groups.values())
+    averaged = sorted({k for groups in info.task_metrics.values() for keys in groups.values() for k in keys})
+    untabulated = [k for k in averaged if k not in tabulated]
     metrics = "; ".join(
         f"{dataset}: {', '.join(sorted({k for keys in groups.values() for k in keys}))}"
         for dataset, groups in info.task_metrics.items()
@@ -523,7 +547,14 @@ def _delta_m_text(info: MetricInfo, deltas: pd.DataFrame) -> str:
             if SINGLE_TASK_METHOD in baselines
             else f" (single-task results would be the method `{SINGLE_TASK_METHOD}`)"
         )
-        + f". Metrics per task: {metrics}. The values are in the summary table."
+        + f". Metrics per task: {metrics}. The Delta_m% values are in the summary table"
+        + (
+            ", the metrics they average in the tables above."
+            if not untabulated
+            else f"; {len(untabulated)} of the {len(averaged)} metrics they average are in no table here "
+            f"({', '.join(untabulated[:6])}{', ...' if len(untabulated) > 6 else ''}); the long-format results "
+            "hold them (`--export-csv` writes them from MLflow)."
+        )
     )
 
 
@@ -531,10 +562,13 @@ def _tests_text(comparison: dict[str, Any], alpha: float) -> list[str]:
     lines = []
     if "friedman" in comparison:
         f, i = comparison["friedman"], comparison["iman_davenport"]
+        tie_corrected = f.get("tie_corrected_undefined") or (
+            f"{number(f['tie_corrected_statistic'], 3)}, p = {_pvalue(f['tie_corrected_pvalue'])}"
+        )
         lines.append(
             f"Friedman (Demsar 2006, no tie correction): χ²_F = {f['statistic']:.3f}, df = {f['df']}, "
-            f"p = {_pvalue(f['pvalue'])} (tie-corrected, SciPy: {_number(f['tie_corrected_statistic'], 3)}, "
-            f"p = {_pvalue(f['tie_corrected_pvalue'])}). Iman-Davenport: F_F = {_number(i['statistic'], 3)}, "
+            f"p = {_pvalue(f['pvalue'])} (tie-corrected, SciPy: {tie_corrected}). "
+            f"Iman-Davenport: F_F = {number(i['statistic'], 3)}, "
             f"df = ({i['df1']}, {i['df2']}), p = {_pvalue(i['pvalue'])}. Nemenyi critical difference at α = {alpha}: "
             f"CD = {comparison['nemenyi_cd']:.3f}; methods whose mean ranks differ by less are not significantly different."
         )
@@ -585,15 +619,15 @@ def build_report(results: Results, options: ReportOptions, tracking_uri: str | N
 
     if not deltas.empty:
         parts.append(Heading("Delta_m%"))
-        parts.append(Paragraph(_delta_m_text(builder.info, deltas)))
+        parts.append(Paragraph(_delta_m_text(builder.info, deltas, builder.tabulated)))
 
     cost = builder.cost_frame()
     if not cost.empty:
         parts.append(Heading("Cost"))
         builder.cost_table(cost)
-        phases = [f"{p}_ms" for p in STEP_PHASES if f"{p}_ms" in cost]
+        phases = [f"{p}_ms" for p in STEP_PHASES if f"{p}_ms" in cost["mean"]]
         if phases:
-            bars = cost[phases].rename(columns=lambda c: c.removesuffix("_ms"))
+            bars = cost["mean"][phases].rename(columns=lambda c: c.removesuffix("_ms"))
             bars.index = [m if len(builder.datasets) == 1 else f"{d}: {m}" for d, m in cost.index]
             builder.figure(
                 report_plots.cost_bars(bars, builder.figures_dir / "cost.png"),
@@ -615,7 +649,8 @@ def build_report(results: Results, options: ReportOptions, tracking_uri: str | N
         "command": options.command,
         "metric": builder.metric,
         "alpha": options.alpha,
-        "reference": options.reference,
+        "reference": builder.reference,
+        "reference_reason": builder.reference_reason,
         "methods": builder.methods,
         "datasets": builder.datasets,
         "metrics": comparisons,

@@ -7,6 +7,7 @@ pyplot's global state, so no display is needed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import pandas as pd
@@ -15,7 +16,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 110
-TASK_COLORS = matplotlib.colormaps["tab20"]
+TASK_COLORS = matplotlib.colormaps["tab10"]
+LINE_STYLES = ("-", "--", "-.")
+TASK_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p", "d", "8", "H", "1", "2", "3", "4", "+")
+LEGEND_COLUMNS = 5
+LEGEND_FONT_SIZE = 10
+"""Points; at :data:`DPI` and the width the figures are drawn at, about 15 pixels on the HTML page."""
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -55,33 +61,73 @@ def cd_diagram(
     return _save(figure, path)
 
 
-def weight_trajectories(weights: pd.DataFrame, path: Path) -> Path:
-    """One panel per method: each task's mean training weight per epoch (mean over seeds).
+def task_styles(n_tasks: int) -> list[dict[str, Any]]:
+    """A distinct look per task: ten qualitative colours, then the same colours dashed, each task its own marker."""
+    return [
+        {
+            "color": TASK_COLORS(i % TASK_COLORS.N),
+            "linestyle": LINE_STYLES[i // TASK_COLORS.N % len(LINE_STYLES)],
+            "marker": TASK_MARKERS[i % len(TASK_MARKERS)],
+        }
+        for i in range(n_tasks)
+    ]
 
-    ``weights`` has rows ``method, seed, task, epoch, value``.
+
+def weights_figure(weights: pd.DataFrame) -> Figure:
+    """One panel per method: each task's share of the summed training weight per epoch (mean over seeds).
+
+    ``weights`` has rows ``method, seed, task, epoch, value``. Shares (``w_t / sum_s w_s``)
+    put methods that scale their weights differently (summing to 1, to ``T``, or free) on one
+    y axis, shared by every panel and starting at 0, with the equal share ``1 / T`` dotted:
+    a change of 1 % looks like one. Every panel labels its epochs; the legend sits below.
     """
     methods = list(dict.fromkeys(weights["method"]))
+    tasks = list(dict.fromkeys(weights["task"]))
+    totals = weights.groupby(["method", "seed", "epoch"])["value"].transform("sum")
+    shares = weights.assign(share=weights["value"] / totals)
     columns = min(3, len(methods))
     rows = -(-len(methods) // columns)
-    figure = Figure(figsize=(4.2 * columns, 3.0 * rows))
-    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
-    for panel, method in zip(axes.flat, methods):
-        mean = weights[weights["method"] == method].pivot_table(index="epoch", columns="task", values="value")
-        for i, task in enumerate(mean.columns):
-            panel.plot(
-                mean.index, mean[task], marker=".", linewidth=1, label=task, color=TASK_COLORS(i % TASK_COLORS.N)
-            )
+    legend_rows = -(-len(tasks) // LEGEND_COLUMNS)
+    figure = Figure(figsize=(4.0 * columns, 3.0 * rows + 0.8 + 0.25 * legend_rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
+    styles = dict(zip(tasks, task_styles(len(tasks))))
+    means = {
+        method: shares[shares["method"] == method].pivot_table(index="epoch", columns="task", values="share")
+        for method in methods
+    }
+    for panel, (method, mean) in zip(axes.flat, means.items()):
+        for task in mean.columns:
+            panel.plot(mean.index, mean[task], linewidth=1.2, markersize=5, label=task, **styles[task])
+        panel.axhline(1.0 / len(tasks), color="0.4", linestyle=":", linewidth=1)
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-        panel.set_title(method, fontsize=10)
-        panel.set_xlabel("epoch")
-        panel.set_ylabel("task weight")
+        panel.tick_params(labelbottom=True, labelleft=True, labelsize=9)
+        panel.set_title(method, fontsize=11)
+        panel.set_xlabel("epoch", fontsize=10)
+        panel.set_ylabel("share of the summed weight", fontsize=10)
+        panel.grid(alpha=0.3)
+    top = max(*(float(mean.max().max()) for mean in means.values()), 1.0 / len(tasks))
+    axes.flat[0].set_ylim(0.0, top * 1.1)
     for panel in axes.flat[len(methods) :]:
         panel.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="task")
-    figure.suptitle("Task weights over training (mean over seeds)", fontsize=11)
-    figure.tight_layout()
-    return _save(figure, path)
+    figure.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(LEGEND_COLUMNS, len(tasks)),
+        fontsize=LEGEND_FONT_SIZE,
+        title="task (dotted line: equal share 1/T)",
+        title_fontsize=LEGEND_FONT_SIZE,
+    )
+    figure.suptitle(
+        "Task weights over training: each task's share of the summed weight (mean over seeds)", fontsize=12
+    )
+    return figure
+
+
+def weight_trajectories(weights: pd.DataFrame, path: Path) -> Path:
+    """Write :func:`weights_figure` of ``weights`` to ``path``."""
+    return _save(weights_figure(weights), path)
 
 
 def validation_curves(curves: pd.DataFrame, metric: str, path: Path) -> Path:

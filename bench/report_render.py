@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
+PAGE_WIDTH_EM = 70
+"""The width of the HTML page's column; figures fill it without a margin, and wider ones are
+scaled down to it."""
+
 
 @dataclass(frozen=True)
 class Heading:
@@ -122,10 +126,10 @@ def to_html(title: str, parts: Sequence[Part], directory: Path) -> str:
                 f"<figcaption>{html.escape(part.caption)}</figcaption></figure>"
             )
     style = (
-        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        f"body{{font-family:sans-serif;max-width:{PAGE_WIDTH_EM}em;margin:2em auto;padding:0 1em}}"
         "table{border-collapse:collapse;margin:0.5em 0 1.5em}"
         "th,td{border-bottom:1px solid #ccc;padding:0.25em 0.7em;text-align:right}"
-        "th:first-child,td:first-child{text-align:left}img{max-width:100%}"
+        "th:first-child,td:first-child{text-align:left}figure{margin:1em 0}img{max-width:100%}"
     )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

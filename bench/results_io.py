@@ -315,17 +315,22 @@ class MetricInfo:
         directions: metric key -> ``"maximize"`` or ``"minimize"``.
         task_metrics: data set -> task -> its metric keys (what Delta_m averages).
         primary: data set -> the metric the data set is compared by when none is chosen.
+        reported: data set -> the metric keys its summary tables show: those its task suite
+            reports (``TaskSuite.reported_metrics``), else every key without a task.
         notes: how the directions were found, where not from a task suite.
     """
 
     directions: dict[str, str]
     task_metrics: dict[str, dict[str, tuple[str, ...]]]
     primary: dict[str, str]
+    reported: dict[str, tuple[str, ...]]
     notes: tuple[str, ...] = ()
 
 
-def _suite_declarations(name: str) -> tuple[dict[str, str], dict[str, tuple[str, ...]], str] | None:
-    """A registered suite's metric directions, task metrics and primary metric, without its data.
+def _suite_declarations(
+    name: str,
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]], str, tuple[str, ...]] | None:
+    """A registered suite's metric directions, task metrics, primary and reported metrics, without its data.
 
     ``TaskSuite.metric_directions()`` and ``task_metrics()`` are read from an instance made
     without running the constructor (which builds the data); they rely on class attributes
@@ -337,7 +342,12 @@ def _suite_declarations(name: str) -> tuple[dict[str, str], dict[str, tuple[str,
     suite_class = tasks.suite_class(name)
     bare = suite_class.__new__(suite_class)
     try:
-        return dict(bare.metric_directions()), dict(bare.task_metrics()), suite_class.primary_metric
+        return (
+            dict(bare.metric_directions()),
+            dict(bare.task_metrics()),
+            suite_class.primary_metric,
+            suite_class.reported_metrics(),
+        )
     except AttributeError:
         return None
 
@@ -359,6 +369,7 @@ def metric_info(results: Results, minimize: Collection[str] = ()) -> MetricInfo:
     directions: dict[str, str] = {}
     task_metrics: dict[str, dict[str, tuple[str, ...]]] = {}
     primary: dict[str, str] = dict(results.primary_metrics)
+    reported: dict[str, tuple[str, ...]] = {}
     guessed: set[str] = set()
     notes: list[str] = []
     for dataset, rows in quality.groupby("dataset", sort=True):
@@ -367,6 +378,8 @@ def metric_info(results: Results, minimize: Collection[str] = ()) -> MetricInfo:
         suite_directions, suite_tasks = (declared[0], declared[1]) if declared else ({}, {})
         if declared:
             primary.setdefault(str(dataset), declared[2])
+        shown = declared[3] if declared else tuple(k for k in keys if "/" not in k)
+        reported[str(dataset)] = tuple(k for k in shown if k in keys)
         for key in keys:
             direction = "minimize" if _named_in(key, minimize) else suite_directions.get(key)
             if direction is None:
@@ -391,4 +404,4 @@ def metric_info(results: Results, minimize: Collection[str] = ()) -> MetricInfo:
             f"taken as better when higher (no task suite declares them; name lower-is-better ones with "
             f"--minimize): {', '.join(sorted(guessed))}"
         )
-    return MetricInfo(directions, task_metrics, primary, tuple(notes))
+    return MetricInfo(directions, task_metrics, primary, reported, tuple(notes))

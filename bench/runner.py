@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tasks
+from bench.display import count_range, mean_std, number
 from bench.grid import cell_spec, grid_results, prepare_grid, tuned_tags
 from bench.spec import RunSpec
 from bench.studies import (
@@ -120,7 +121,9 @@ def _run_cells(
 
 
 def aggregate(primary_metric: str, results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per method: test metrics mean and std over finished seeds, cost, run counts."""
+    """One row per method: every test metric's mean and sample std over finished seeds (the
+    primary metric first; std ``None`` below two seeds), cost with its spread, the training steps
+    timed in each run, run counts."""
     rows = []
     methods_in_order = list(dict.fromkeys(r.method for r in results))
     ew_step = _mean([r.step_ms for r in results if r.method == "ew" and r.status == "FINISHED"])
@@ -128,40 +131,49 @@ def aggregate(primary_metric: str, results: Sequence[RunResult]) -> list[dict[st
         runs = [r for r in results if r.method == method]
         done = [r for r in runs if r.status == "FINISHED"]
         row: dict[str, Any] = {"method": method, "finished": len(done), "runs": len(runs)}
-        for metric in (primary_metric, "mean_accuracy"):
+        for metric in dict.fromkeys([primary_metric, *(key for r in done for key in r.test)]):
             values = [r.test[metric] for r in done if metric in r.test]
-            row[f"test_{metric}_mean"] = _mean(values)
-            row[f"test_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else math.nan
-        row["step_ms"] = _mean([r.step_ms for r in done])
+            row[f"test_{metric}_mean"], row[f"test_{metric}_std"] = _mean(values), _std(values)
+        row["step_ms"], row["step_ms_std"] = _mean([r.step_ms for r in done]), _std([r.step_ms for r in done])
         row["ratio_to_ew"] = row["step_ms"] / ew_step if ew_step and ew_step == ew_step else math.nan
+        row["timed_steps"] = [r.timed_steps for r in done]
         row["peak_memory_mb"] = max((r.peak_memory_mb or 0.0 for r in done), default=math.nan)
         row["train_seconds"] = _mean([r.train_seconds for r in done])
         rows.append(row)
     return rows
 
 
+def _present(values: Sequence[float | None]) -> list[float]:
+    return [v for v in values if v is not None and v == v]
+
+
 def _mean(values: Sequence[float | None]) -> float:
-    present = [v for v in values if v is not None and v == v]
+    present = _present(values)
     return statistics.fmean(present) if present else math.nan
 
 
-def _fmt(value: float, digits: int) -> str:
-    return "-" if value != value else f"{value:.{digits}f}"
+def _std(values: Sequence[float | None]) -> float | None:
+    """Sample standard deviation; ``None`` (null in the summary JSON) below two values, where there is no spread."""
+    present = _present(values)
+    return statistics.stdev(present) if len(present) > 1 else None
 
 
 def summary_table(task: str, primary_metric: str, results: Sequence[RunResult]) -> Table:
-    """The terminal table: quality (mean +- std over seeds) and cost per method."""
-    table = Table(title=f"{task}: test metrics of the best-validation checkpoint")
-    for column in ("method", f"{primary_metric}", "mean accuracy", "ms/step", "x EW", "peak MB", "runs ok"):
+    """The terminal table per method: the suite's reported test metrics (mean ± std over seeds,
+    the std from two seeds on), ms/step (± std over runs), ratio to EW, peak memory, the
+    training steps timed per run and the runs that finished."""
+    metrics = tasks.suite_class(task).reported_metrics()
+    table = Table(title=f"{task}: test metrics of the checkpoint with the best validation {primary_metric}")
+    for column in ("method", *metrics, "ms/step", "x EW", "peak MB", "timed steps/run", "runs ok"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in aggregate(primary_metric, results):
         table.add_row(
             row["method"],
-            f"{_fmt(row[f'test_{primary_metric}_mean'], 4)} ± {_fmt(row[f'test_{primary_metric}_std'], 4)}",
-            f"{_fmt(row['test_mean_accuracy_mean'], 4)} ± {_fmt(row['test_mean_accuracy_std'], 4)}",
-            _fmt(row["step_ms"], 0),
-            _fmt(row["ratio_to_ew"], 2),
-            _fmt(row["peak_memory_mb"], 0),
+            *(mean_std(row.get(f"test_{m}_mean"), row.get(f"test_{m}_std"), 4) for m in metrics),
+            mean_std(row["step_ms"], row["step_ms_std"], 0),
+            number(row["ratio_to_ew"], 2),
+            number(row["peak_memory_mb"], 0),
+            count_range(row["timed_steps"]),
             f"{row['finished']}/{row['runs']}",
         )
     return table

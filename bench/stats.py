@@ -8,7 +8,8 @@ ranked, 1 = best (ties share the average rank). Then:
   (Demsar 2006, Sec. 3.2.2, without a correction for ties):
   ``chi2_F = 12 N / (k (k + 1)) * (sum_j R_j^2 - k (k + 1)^2 / 4)``, chi-squared with
   ``k - 1`` degrees of freedom. SciPy's ``friedmanchisquare`` (which corrects for ties) is
-  reported next to it.
+  reported next to it; when every block ties all methods it is 0/0, left NaN and said to be
+  undefined.
 - Iman and Davenport's correction: ``F_F = (N - 1) chi2_F / (N (k - 1) - chi2_F)``, F
   distributed with ``k - 1`` and ``(k - 1)(N - 1)`` degrees of freedom.
 - Nemenyi's critical difference ``CD = q_alpha sqrt(k (k + 1) / (6 N))`` with ``q_alpha`` the
@@ -154,27 +155,34 @@ def average_ranks(blocks: BlockMatrix) -> pd.Series:
     return ranks(blocks).mean(axis=0)
 
 
-def friedman(blocks: BlockMatrix) -> dict[str, float]:
+def tied_blocks(blocks: BlockMatrix) -> int:
+    """The number of blocks in which every method has the same score (a complete tie)."""
+    return int((blocks.values.nunique(axis=1) <= 1).sum())
+
+
+def friedman(blocks: BlockMatrix) -> dict[str, Any]:
     """Friedman's chi-squared of the average ranks (no tie correction) and SciPy's tie-corrected one.
 
     ``chi2_F = 12 N / (k (k + 1)) (sum_j R_j^2 - k (k + 1)^2 / 4)`` (Demsar 2006, Sec. 3.2.2),
     p-value from the chi-squared distribution with ``k - 1`` degrees of freedom. When every
-    block is a complete tie, the tie-corrected statistic is undefined (NaN).
+    block is a complete tie, the tie correction divides 0 by 0: the tie-corrected statistic
+    and p-value are NaN and ``tie_corrected_undefined`` says why.
     """
     n, k = blocks.values.shape
     mean_ranks = average_ranks(blocks).to_numpy()
     statistic = 12.0 * n / (k * (k + 1)) * (float(np.sum(mean_ranks**2)) - k * (k + 1) ** 2 / 4.0)
     statistic = max(statistic, 0.0)  # rounding can leave -1e-15 when all ranks are equal
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # 0/0 when every block ties
+    result: dict[str, Any] = {"statistic": statistic, "pvalue": float(stats.chi2.sf(statistic, k - 1)), "df": k - 1}
+    if tied_blocks(blocks) == n:
+        result["tie_corrected_statistic"] = result["tie_corrected_pvalue"] = math.nan
+        result["tie_corrected_undefined"] = (
+            f"every one of the {n} blocks ties all {k} methods, so SciPy's tie correction divides 0 by 0"
+        )
+    else:
         corrected = stats.friedmanchisquare(*(blocks.values[m].to_numpy() for m in blocks.values.columns))
-    return {
-        "statistic": statistic,
-        "pvalue": float(stats.chi2.sf(statistic, k - 1)),
-        "tie_corrected_statistic": float(corrected.statistic),
-        "tie_corrected_pvalue": float(corrected.pvalue),
-        "df": k - 1,
-    }
+        result["tie_corrected_statistic"] = float(corrected.statistic)
+        result["tie_corrected_pvalue"] = float(corrected.pvalue)
+    return result
 
 
 def iman_davenport(chi2_f: float, n_blocks: int, k: int) -> dict[str, float]:
@@ -287,7 +295,8 @@ def compare(blocks: BlockMatrix, references: Sequence[str], alpha: float = 0.05)
 
     Friedman, Iman-Davenport and Nemenyi need at least three methods and two blocks; the
     Wilcoxon tests need two methods, two blocks, and the reference among the methods. What
-    cannot be computed is left out and ``notes`` says why.
+    cannot be computed is left out and ``notes`` says why; ``notes`` also says when every
+    block ties, so that no test can tell the methods apart.
     """
     k, n = len(blocks.methods), blocks.n_blocks
     result: dict[str, Any] = {
@@ -312,6 +321,12 @@ def compare(blocks: BlockMatrix, references: Sequence[str], alpha: float = 0.05)
             "(run more seeds, or compare per task)"
         )
         return result
+    if tied_blocks(blocks) == n:
+        result["notes"].append(
+            f"all {n} blocks tie: every method ({', '.join(blocks.methods)}) has the same {blocks.metric} in every "
+            "block, so no test can tell the methods apart (Friedman's chi2_F is 0 and every Wilcoxon p is 1; "
+            "the tie-corrected Friedman statistic is undefined)"
+        )
     if k >= 3:
         result["friedman"] = friedman(blocks)
         result["iman_davenport"] = iman_davenport(result["friedman"]["statistic"], n, k)

@@ -65,6 +65,8 @@ class RunResult:
     peak_memory_mb: float | None = None
     peak_memory_increase_mb: float | None = None
     train_seconds: float | None = None
+    timed_steps: int | None = None
+    """Training steps behind ``ms_per_step`` and ``step_ms``."""
     crashed: bool = False
     """FAILED by an error other than a non-finite loss (a bug or bad data, not a divergence)."""
 
@@ -292,11 +294,12 @@ def result_from_run(run: Any, method: str, seed: int, primary_metric: str) -> Ru
     """The :class:`RunResult` of an MLflow run that :func:`train_run` logged, read back.
 
     The inverse of what the run logs at its end: ``test/<metric>``, and
-    ``summary/<phase>_ms``, ``summary/step_ms``, memory, seconds, best epoch and value.
+    ``summary/<phase>_ms``, ``summary/step_ms``, ``summary/timed_steps``, memory, seconds, best
+    epoch and value.
     """
     metrics, tags = run.data.metrics, run.data.tags
     summary = {k.removeprefix("summary/"): v for k, v in metrics.items() if k.startswith("summary/")}
-    best_epoch = summary.get("best_epoch")
+    best_epoch, timed_steps = summary.get("best_epoch"), summary.get("timed_steps")
     return RunResult(
         method=method,
         seed=seed,
@@ -313,6 +316,7 @@ def result_from_run(run: Any, method: str, seed: int, primary_metric: str) -> Ru
         peak_memory_mb=summary.get("peak_memory_mb"),
         peak_memory_increase_mb=summary.get("peak_memory_increase_mb"),
         train_seconds=summary.get("train_seconds"),
+        timed_steps=None if timed_steps is None else int(timed_steps),
     )
 
 
@@ -457,6 +461,7 @@ def _fit(
     result.best_val = best_value
     result.ms_per_step = {phase: total / max(total_steps, 1) for phase, total in totals.items()}
     result.step_ms = sum(result.ms_per_step.get(p, 0.0) for p in STEP_PHASES)
+    result.timed_steps = total_steps
     result.peak_memory_mb, result.peak_memory_increase_mb = peak, peak_increase
     assert best_state is not None
     model.load_state_dict(best_state["model"])
@@ -464,6 +469,7 @@ def _fit(
     summary = {
         "summary/train_seconds": result.train_seconds,
         "summary/step_ms": result.step_ms,
+        "summary/timed_steps": float(total_steps),
         "summary/peak_memory_mb": peak,
         "summary/peak_memory_increase_mb": peak_increase,
         "summary/best_epoch": float(result.best_epoch or 0),

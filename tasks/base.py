@@ -131,6 +131,15 @@ class TaskSuite(ABC):
         metric = self.primary_metric.removeprefix("mean_")
         return {task: (f"{metric}/{task}",) for task in self.task_names}
 
+    @classmethod
+    def reported_metrics(cls) -> tuple[str, ...]:
+        """The keys of :meth:`evaluate` that results tables show for this suite.
+
+        The default is the primary metric; suites that report more (e.g. NYUv2's LibMTL
+        metrics) override it. Read from the class alone, without building the suite.
+        """
+        return (cls.primary_metric,)
+
     def augment(self, x: Any, targets: Any) -> tuple[Any, Any]:
         """Random training augmentation of one batch already on the training device.
 

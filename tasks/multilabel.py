@@ -251,6 +251,11 @@ class MultiLabelSuite(TaskSuite):
         keys += ["mean_auroc", "mean_accuracy", "mean_f1"]
         return {key: "maximize" for key in keys}
 
+    @classmethod
+    def reported_metrics(cls) -> tuple[str, ...]:
+        """Mean AUROC and mean accuracy over the findings."""
+        return ("mean_auroc", "mean_accuracy")
+
     def prevalence(self) -> list[float]:
         """Positive rate of each task in the train split."""
         return self.labels("train").to(torch.float64).mean(dim=0).tolist()

@@ -508,6 +508,11 @@ class NYUv2FormatSuite(TaskSuite):
         """LibMTL's metrics of each task: mIoU, pixel accuracy; abs and rel error; the five angle metrics."""
         return dict(TASK_METRICS)
 
+    @classmethod
+    def reported_metrics(cls) -> tuple[str, ...]:
+        """LibMTL's nine metrics, task by task (those of :meth:`task_metrics`)."""
+        return tuple(key for keys in TASK_METRICS.values() for key in keys)
+
     def augment(self, x: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """With ``augment=True``: per image, a random scale of 1.0, 1.2 or 1.5 and a flip with probability 1/2.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import statistics
 from pathlib import Path
@@ -15,18 +16,22 @@ from scipy import stats as scipy_stats
 
 from bench.cli import main
 from bench.results_io import LONG_COLUMNS
+from bench.train import result_from_run
 from bench.tracking import experiment_name
 
 TASK = "cxr14-synthetic"
 DEMSAR_CSV = Path(__file__).parent / "reference" / "demsar2006_table6.csv"
 """Demsar (2006) Table 6 in the long format; see tests/test_stats.py for its source and the voting row."""
-METHODS = ("ew", "deepchest", "uw")
+METHODS = ("ew", "uwo", "uwso")
+"""Methods whose first-epoch models differ: EW, DeepChest (weights start at 1) and UW (a uniform
+scale that Adam ignores) train the same model until DeepChest's first update, so every block would
+tie. UW-O weighs tasks by their inverse losses, UW-SO by a softmax of them."""
 SEEDS = ("0", "1")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A store of 3 methods x 2 seeds (2 epochs of 65 images at 16 px), its report and its CSV export."""
+    """A store of 3 methods x 2 seeds (2 epochs of 65 training images at 16 px), its report and its CSV export."""
     results = tmp_path_factory.mktemp("demo")
     code = main(
         ["run", "--task", TASK, "--methods", ",".join(METHODS), "--seeds", ",".join(SEEDS), "--epochs", "2",
@@ -37,6 +42,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     csv = results / "runs.csv"
     assert main(["report", "--results", str(results), "--bootstrap", "300", "--export-csv", str(csv)]) == 0
     return {"results": results, "report": results / "report", "csv": csv}
+
+
+def printed_text(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the command printed, its line wrapping undone."""
+    return " ".join(capsys.readouterr().out.split())
 
 
 def store_runs(results: Path) -> list[Run]:
@@ -57,7 +67,7 @@ def test_report_writes_every_output(demo: dict[str, Path]) -> None:
     report = demo["report"]
     for name in ("report.md", "report.html", "stats.json", "figures/cd_diagram.png", "figures/weights.png",
                  "figures/validation.png", "figures/cost.png", "tables/summary.tex", "tables/cost.tex",
-                 "tables/per_task_auroc.tex", "tables/wilcoxon_vs_deepchest.tex", "tables/wilcoxon_vs_ew.tex"):  # fmt: skip
+                 "tables/per_task_auroc.tex", "tables/wilcoxon_vs_ew.tex"):  # fmt: skip
         assert (report / name).is_file(), name
     page = (report / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and 'src="figures/' not in page
@@ -70,12 +80,15 @@ def test_report_writes_every_output(demo: dict[str, Path]) -> None:
 def test_report_agrees_with_the_store(demo: dict[str, Path]) -> None:
     results = demo["results"]
     stats = json.loads((demo["report"] / "stats.json").read_text())
-    assert stats["metric"] == "auroc" and stats["reference"] == "deepchest"
+    assert stats["metric"] == "auroc" and stats["reference"] == "ew"
+    assert stats["reference_reason"].startswith("the default: ew is among the methods")
 
     summary = {row["method"]: row for row in stats["tables"]["summary"]}
-    for method, values in store_values(results, "test/mean_auroc").items():
-        assert summary[method]["mean_auroc_mean"] == pytest.approx(statistics.fmean(values))
-        assert summary[method]["mean_auroc_std"] == pytest.approx(statistics.stdev(values))
+    for key in ("mean_auroc", "mean_accuracy"):  # what the chest X-ray suites report
+        for method, values in store_values(results, f"test/{key}").items():
+            assert summary[method][f"{key}_mean"] == pytest.approx(statistics.fmean(values))
+            assert summary[method][f"{key}_std"] == pytest.approx(statistics.stdev(values))
+    assert not any(key.startswith("mean_f1") for key in summary["ew"])
 
     tasks = [
         key.removeprefix("test/auroc/") for key in store_runs(results)[0].data.metrics if key.startswith("test/auroc/")
@@ -87,34 +100,47 @@ def test_report_agrees_with_the_store(demo: dict[str, Path]) -> None:
             assert per_task[(task, method)] == pytest.approx(statistics.fmean(values))
             matrix[method].extend(values)
     columns = np.array([matrix[m] for m in METHODS]).T
+    assert (columns != columns[:, :1]).any(), "every block ties: the fixture's methods train the same models"
     expected_ranks = scipy_stats.rankdata(-columns, axis=1).mean(axis=0)
     auroc = stats["metrics"]["auroc"]
     assert auroc["n_blocks"] == len(tasks) * len(SEEDS)
     assert [auroc["average_ranks"][m] for m in METHODS] == pytest.approx(expected_ranks)
     expected_friedman = scipy_stats.friedmanchisquare(*columns.T)
     assert auroc["friedman"]["tie_corrected_statistic"] == pytest.approx(expected_friedman.statistic)
-    for method in ("ew", "uw"):
-        difference = columns[:, METHODS.index(method)] - columns[:, METHODS.index("deepchest")]
+    for method in ("uwo", "uwso"):
+        difference = columns[:, METHODS.index(method)] - columns[:, METHODS.index("ew")]
         # rounded like the report's, so that differences equal but for float error tie
         expected = scipy_stats.wilcoxon(np.round(difference, 12), zero_method="zsplit")
         assert auroc["wilcoxon_holm"][method]["pvalue"] == pytest.approx(expected.pvalue)
 
-    step_ms = store_values(results, "summary/step_ms")
+    step_ms, timed_steps = store_values(results, "summary/step_ms"), store_values(results, "summary/timed_steps")
     cost = {row["method"]: row for row in stats["tables"]["cost"]}
     for method, values in step_ms.items():
         assert cost[method]["step_ms"] == pytest.approx(statistics.fmean(values))
+        assert cost[method]["step_ms_std"] == pytest.approx(statistics.stdev(values))
         assert cost[method]["ratio_to_ew"] == pytest.approx(statistics.fmean(values) / statistics.fmean(step_ms["ew"]))
+        assert min(timed_steps[method]) > 0
+        assert (cost[method]["timed_steps_min"], cost[method]["timed_steps_max"]) == (
+            min(timed_steps[method]),
+            max(timed_steps[method]),
+        )
 
     mean_auroc = store_values(results, "test/mean_auroc")
-    bootstrap = stats["paired_bootstrap_mean_auroc"][TASK]["deepchest"]["uw"]
+    bootstrap = stats["paired_bootstrap_mean_auroc"][TASK]["ew"]["uwso"]
     assert bootstrap["difference"] == pytest.approx(
-        statistics.fmean(np.subtract(mean_auroc["uw"], mean_auroc["deepchest"]))
+        statistics.fmean(np.subtract(mean_auroc["uwso"], mean_auroc["ew"]))
     )
     assert bootstrap["ci_low"] <= bootstrap["difference"] <= bootstrap["ci_high"]
 
     ew_means = {t: per_task[(t, "ew")] for t in tasks}
-    expected_delta = 100 * statistics.fmean((per_task[(t, "uw")] - ew_means[t]) / ew_means[t] for t in tasks)
-    assert summary["uw"]["delta_m_vs_ew_per-task"] == pytest.approx(expected_delta)
+    expected_delta = 100 * statistics.fmean((per_task[(t, "uwso")] - ew_means[t]) / ew_means[t] for t in tasks)
+    assert summary["uwso"]["delta_m_vs_ew_per-task"] == pytest.approx(expected_delta)
+
+
+def test_runs_read_back_their_timed_steps(demo: dict[str, Path]) -> None:
+    for run in store_runs(demo["results"]):
+        result = result_from_run(run, run.data.params["method"], int(run.data.params["seed"]), "mean_auroc")
+        assert result.timed_steps == run.data.metrics["summary/timed_steps"] > 0
 
 
 def flat_numbers(value: object, path: str = "") -> dict[str, object]:
@@ -135,8 +161,9 @@ def test_exported_csv_gives_the_same_statistics(demo: dict[str, Path], tmp_path:
         for key in ("average_ranks", "friedman", "iman_davenport", "nemenyi_cd", "wilcoxon_holm"):
             expected = flat_numbers(from_store["metrics"][metric][key])
             assert flat_numbers(from_csv["metrics"][metric][key]) == pytest.approx(expected), (metric, key)
-    assert from_csv["tables"]["summary"] == from_store["tables"]["summary"]
-    assert from_csv["tables"]["cost"] == from_store["tables"]["cost"]
+    for table in ("summary", "cost"):  # equal up to rounding: the round trip need not keep the summation order
+        for csv_row, store_row in zip(from_csv["tables"][table], from_store["tables"][table], strict=True):
+            assert flat_numbers(csv_row) == pytest.approx(flat_numbers(store_row), nan_ok=True), table
 
 
 def write_csv(path: Path, rows: list[tuple[str, str, str, str, float]]) -> Path:
@@ -170,7 +197,7 @@ def test_unequal_seeds_drop_incomplete_blocks_with_a_warning(
         ["report", "--from", str(csv), "--reference", "a", "--minimize", "error", "--out", str(tmp_path / "out")]
     )
     assert code == 0
-    printed = " ".join(capsys.readouterr().out.split())
+    printed = printed_text(capsys)
     assert "2 incomplete block(s) dropped" in printed and "task T1, seed 2 (no c)" in printed
     error = json.loads((tmp_path / "out" / "stats.json").read_text())["metrics"]["error"]
     assert error["n_blocks"] == 4 and len(error["dropped_blocks"]) == 2
@@ -190,7 +217,7 @@ def test_csv_with_missing_columns_names_them(tmp_path: Path, capsys: pytest.Capt
     csv = tmp_path / "bad.csv"
     pd.DataFrame({"method": ["ew"], "dataset": ["d"], "metric": ["acc"]}).to_csv(csv, index=False)
     assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 2
-    assert "lacks the column(s) seed, value" in " ".join(capsys.readouterr().out.split())
+    assert "lacks the column(s) seed, value" in printed_text(capsys)
 
 
 def test_no_finished_runs_names_the_experiment_and_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,7 +226,80 @@ def test_no_finished_runs_names_the_experiment_and_store(tmp_path: Path, capsys:
     run = client.create_run(client.create_experiment(experiment_name(TASK)))
     client.set_terminated(run.info.run_id, status="FAILED")
     assert main(["report", "--results", str(tmp_path)]) == 2
-    printed = " ".join(capsys.readouterr().out.split())
+    printed = printed_text(capsys)
     assert f"no FINISHED runs in experiment(s) {experiment_name(TASK)} of the MLflow store {uri}" in printed
     assert main(["report", "--results", str(tmp_path / "nothing")]) == 2
-    assert "there is no MLflow store at" in " ".join(capsys.readouterr().out.split())
+    assert "there is no MLflow store at" in printed_text(capsys)
+
+
+def test_all_tied_blocks_are_reported_as_such(tmp_path: Path) -> None:
+    """Three methods with the same AUROC on every (task, seed): the report says why a test is undefined."""
+    rows = [
+        (m, "suite", s, f"auroc/{t}", 0.5 + 0.1 * i + 0.01 * int(s))
+        for m in ("ew", "deepchest", "uw")
+        for s in "01"
+        for i, t in enumerate(("T1", "T2", "T3"))
+    ]
+    csv = write_csv(tmp_path / "tied.csv", rows)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    friedman = json.loads((tmp_path / "out" / "stats.json").read_text())["metrics"]["auroc"]["friedman"]
+    assert friedman["tie_corrected_statistic"] is None
+    reason = "every one of the 6 blocks ties all 3 methods, so SciPy's tie correction divides 0 by 0"
+    assert friedman["tie_corrected_undefined"] == reason
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"(tie-corrected, SciPy: {reason})" in markdown
+    assert "all 6 blocks tie: every method (ew, deepchest, uw) has the same auroc in every block" in markdown
+    assert "| 0.00 | 1.000 | 0.00 | 1.000 | 1.353 | none: every block ties |" in markdown  # Friedman table
+    assert html.escape(reason) in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_reference_defaults_to_a_method_that_ran(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [(m, "suite", s, "acc", 0.5 + 0.1 * i + 0.01 * int(s)) for i, m in enumerate(("uw", "mgda")) for s in "012"]
+    csv = write_csv(tmp_path / "no_ew.csv", rows)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    printed = printed_text(capsys)
+    assert "reference method of the tests: uw (the default: ew is not among the methods, so the first one is" in printed
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["reference"] == "uw" and list(stats["metrics"]["acc"]["wilcoxon_holm"]) == ["mgda"]
+    assert "Reference method of the tests: `uw` (the default" in (tmp_path / "out" / "report.md").read_text()
+    assert main(["report", "--from", str(csv), "--reference", "mgda", "--out", str(tmp_path / "chosen")]) == 0
+    assert "reference method of the tests: mgda (chosen with --reference)" in printed_text(capsys)
+
+
+NYUV2_METRICS = (
+    "miou/segmentation", "pixel_accuracy/segmentation", "abs_err/depth", "rel_err/depth", "mean_angle/normal",
+    "median_angle/normal", "within_11.25/normal", "within_22.5/normal", "within_30/normal",
+)  # fmt: skip
+
+
+def test_nyuv2_summary_shows_its_nine_metrics(tmp_path: Path) -> None:
+    """LibMTL's metrics of each task, best in bold by its direction (lower abs_err wins)."""
+    rows = []
+    for i, method in enumerate(("ew", "uw")):
+        for seed in "01":
+            values = {key: 0.2 + 0.1 * i + 0.01 * int(seed) for key in (*NYUV2_METRICS, "delta_1.25/depth")}
+            values["mean_accuracy"] = 0.5 + 0.1 * i
+            rows += [(method, "nyuv2-synthetic", seed, key, value) for key, value in values.items()]
+    csv = write_csv(tmp_path / "nyuv2.csv", rows)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "stats.json").read_text())["tables"]["summary"]
+    assert [row["abs_err/depth_mean"] for row in summary] == pytest.approx([0.205, 0.305])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| method | seeds |"))
+    assert header.split(" | ")[2:11] == list(NYUV2_METRICS)
+    ew_row = next(line for line in markdown.splitlines() if line.startswith("| ew | 2 |")).split(" | ")
+    assert ew_row[2] == "0.2050 ± 0.0071" and ew_row[4] == "**0.2050 ± 0.0071**"  # mIoU: higher wins; abs_err: lower
+    assert "the metrics they average in the tables above" in markdown
+
+
+def test_cost_spread_only_from_two_seeds(tmp_path: Path) -> None:
+    rows = [
+        (m, "suite", s, metric, value)
+        for m, seeds in (("ew", "01"), ("uw", "0"))
+        for s in seeds
+        for metric, value in (("acc", 0.5 + 0.1 * int(s)), ("cost/step_ms", 10.0 + int(s)), ("cost/timed_steps", 6))
+    ]
+    csv = write_csv(tmp_path / "cost.csv", rows)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| ew | 2 | 10.5 ± 0.7 | 1.00 | 6 |" in markdown and "| uw | 1 | 10.0 | 0.95 | 6 |" in markdown

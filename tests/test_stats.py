@@ -141,6 +141,23 @@ def test_compare_says_why_tests_are_missing() -> None:
     assert tied["wilcoxon_holm"]["b"]["pvalue"] == 1.0
 
 
+def test_all_tied_blocks_leave_the_tie_corrected_friedman_undefined_and_say_why() -> None:
+    """28 blocks (14 tasks x 2 seeds) in which three methods score the same: SciPy's tie correction is 0/0."""
+    scores = np.linspace(0.4, 0.9, 28)
+    tied = BlockMatrix("auroc", pd.DataFrame({m: scores for m in ("ew", "deepchest", "uw")}), "maximize", "tasks")
+    chi2 = friedman(tied)
+    assert chi2["statistic"] == 0.0 and chi2["pvalue"] == 1.0
+    assert math.isnan(chi2["tie_corrected_statistic"]) and math.isnan(chi2["tie_corrected_pvalue"])
+    assert "every one of the 28 blocks ties all 3 methods" in chi2["tie_corrected_undefined"]
+    result = compare(tied, ["ew"])
+    assert any(note.startswith("all 28 blocks tie") for note in result["notes"])
+    assert {t["pvalue"] for t in result["wilcoxon_holm"].values()} == {1.0}
+    one_block_differs = tied.values.copy()
+    one_block_differs.loc[0, "uw"] = 0.1
+    untied = friedman(BlockMatrix("auroc", one_block_differs, "maximize", "tasks"))
+    assert "tie_corrected_undefined" not in untied and untied["tie_corrected_statistic"] > 0
+
+
 def long_rows(values: dict[tuple[str, str, str, str], float]) -> pd.DataFrame:
     return pd.DataFrame(
         [(m, d, s, k, v) for (m, d, s, k), v in values.items()],

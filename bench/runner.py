@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import re
+import statistics
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict

@@ -253,7 +253,7 @@ def prepare_study(
     trials: int,
     heartbeat: int,
     tracker: Tracker,
-    full_trials: bool = False,
+    full_trials: bool,
 ) -> SharedStudy:
     """Create (or load and check) the study of ``method``, its MLflow parent run, and queue
     trials until the study holds ``trials`` of them (retries of dead workers' trials aside);

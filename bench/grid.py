@@ -34,7 +34,7 @@ from bench.studies import (
     add_waiting_trials,
     create_shared_study,
 )
-from bench.tracking import Tracker
+from bench.tracking import TUNED_FROM_TAG, Tracker
 from bench.train import RunResult, train_run
 from bench.tune import TunedSetting, tuned_spec
 
@@ -91,14 +91,18 @@ def run_grid_cell(shared: SharedStudy, claim: Claim, context: WorkerContext) -> 
         shared.storage.set_trial_user_attr(claim.trial_id, RESULT_ATTR, dataclasses.asdict(result))
         return result
 
-    state, _ = run_claimed(shared, claim, context.console, train)
-    return state.name
+    outcome = run_claimed(shared, claim, context.console, train)
+    reason = "" if outcome.reason is None else f": {outcome.reason}"
+    context.console.print(
+        f"{shared.name}: {method} seed {seed} {outcome.state.name} after {outcome.seconds:.1f} s{reason}"
+    )
+    return outcome.state.name
 
 
 def tuned_tags(tuned: Mapping[str, TunedSetting], method: str) -> dict[str, str]:
     """MLflow tags naming the tuning trial whose settings a run uses."""
     setting = tuned.get(method)
-    return {} if setting is None else {"tuned_from": f"{setting.study} trial {setting.trial}"}
+    return {} if setting is None else {TUNED_FROM_TAG: f"{setting.study} trial {setting.trial}"}
 
 
 def grid_results(shared: SharedStudy, spec: RunSpec) -> list[RunResult]:

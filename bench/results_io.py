@@ -6,8 +6,9 @@ metrics keep the names the suites give them (``auroc/Atelectasis``, ``mean_auroc
 metrics are prefixed ``cost/`` (``cost/step_ms``, ``cost/forward_ms``, ``cost/peak_memory_mb``,
 ``cost/train_seconds``) and are never ranked.
 
-From an MLflow store (``bench run`` logs there) only runs with status FINISHED count: their
-``test/<metric>`` become ``<metric>`` and their ``summary/<cost>`` become ``cost/<cost>``.
+From an MLflow store (``bench run`` logs there) only runs with status FINISHED count, and
+never the runs of tuning studies (``bench tune``, tagged :data:`~bench.tracking.TUNING_STUDY_TAG`):
+their ``test/<metric>`` become ``<metric>`` and their ``summary/<cost>`` become ``cost/<cost>``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 import tasks
 from bench.stats import family_of, task_of
-from bench.tracking import experiment_name
+from bench.tracking import TUNED_FROM_TAG, TUNING_STUDY_TAG, experiment_name
 
 LONG_COLUMNS = ("method", "dataset", "seed", "metric", "value")
 COST_PREFIX = "cost/"
@@ -42,7 +43,7 @@ class NoResultsError(ValueError):
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One FINISHED MLflow run of ``bench run``."""
+    """One FINISHED MLflow run of ``bench run`` (never a tuning trial)."""
 
     run_id: str
     dataset: str
@@ -127,30 +128,55 @@ def _run_rows(run: Run, dataset: str, method: str, seed: str) -> list[tuple[str,
 
 PER_RUN_PARAMS = ("method", "seed", "results", "tracking_uri", "save_checkpoint", "device")
 """Params that differ between the runs of one comparison by design (or say only where a run went)."""
+TUNED_PARAMS = ("lr", "weight_decay")
+"""Params that ``run --tuned`` sets per method: compared only among the runs of one method."""
+NAMED_RUNS = 3
+"""A group of at most this many runs is named by run id in a warning; a larger one is counted."""
 
 
-def _setting_differences(runs: dict[tuple[str, str, str], Run]) -> list[str]:
-    """One warning per data set whose runs differ in a setting other than method, seed and hyperparameters."""
+def _delete_advice(tracking_uri: str) -> str:
+    return f"MLFLOW_TRACKING_URI={tracking_uri} mlflow runs delete --run-id ID"
+
+
+def _run_group(value: str, run_ids: list[str]) -> str:
+    if len(run_ids) <= NAMED_RUNS:
+        return f"{value} in run(s) {', '.join(run_ids)}"
+    return f"{value} in {len(run_ids)} runs"
+
+
+def _setting_differences(runs: dict[tuple[str, str, str], Run], tracking_uri: str) -> list[str]:
+    """One warning per data set whose runs differ in a setting other than method, seed and
+    hyperparameters (and, between methods, the learning rate and weight decay of tuned runs)."""
     messages = []
     for dataset in dict.fromkeys(cell[0] for cell in runs):
-        values: dict[str, set[str]] = {}
-        for cell, run in runs.items():
-            if cell[0] == dataset:
-                for name, value in run.data.params.items():
-                    if name not in PER_RUN_PARAMS and not name.startswith("hp."):
-                        values.setdefault(name, set()).add(value)
-        differing = {name: sorted(v) for name, v in values.items() if len(v) > 1}
+        values: dict[str, dict[str, list[str]]] = {}
+        for (run_dataset, method, _), run in runs.items():
+            if run_dataset != dataset:
+                continue
+            tuned = TUNED_FROM_TAG in run.data.tags
+            for name, value in run.data.params.items():
+                if name in PER_RUN_PARAMS or name.startswith("hp."):
+                    continue
+                setting = f"{name} of {method} (tuned)" if tuned and name in TUNED_PARAMS else name
+                values.setdefault(setting, {}).setdefault(value, []).append(run.info.run_id)
+        differing = {setting: groups for setting, groups in values.items() if len(groups) > 1}
         if differing:
             messages.append(
                 f"the runs on {dataset} differ in "
-                + "; ".join(f"{n} ({', '.join(v)})" for n, v in sorted(differing.items()))
-                + ": they may not be comparable; choose runs with --experiment or a separate store"
+                + "; ".join(
+                    f"{setting} ({', '.join(_run_group(v, ids) for v, ids in sorted(groups.items()))})"
+                    for setting, groups in sorted(differing.items())
+                )
+                + ": they may not be comparable. To compare like with like, delete the runs of the other "
+                f"setting ({_delete_advice(tracking_uri)}), or train each setting into its own --results "
+                "directory and report each one"
             )
     return messages
 
 
 def load_mlflow(tracking_uri: str, experiments: Sequence[str] | None = None) -> Results:
-    """The FINISHED runs of ``experiments`` (default: every ``mtl-bench/*`` experiment).
+    """The FINISHED runs of ``experiments`` (default: every ``mtl-bench/*`` experiment), less
+    the runs of tuning studies.
 
     When a (data set, method, seed) was run more than once, the latest run counts and the
     others are named in ``warnings``.
@@ -166,10 +192,18 @@ def load_mlflow(tracking_uri: str, experiments: Sequence[str] | None = None) -> 
     client = MlflowClient(tracking_uri=tracking_uri)
     names_by_id = _experiments(client, tracking_uri, experiments)
     names = list(names_by_id.values())
-    runs = _finished_runs(client, list(names_by_id)) if names_by_id else []
+    finished = _finished_runs(client, list(names_by_id)) if names_by_id else []
+    runs = [run for run in finished if TUNING_STUDY_TAG not in run.data.tags]
     if not runs:
+        tuning = len(finished) - len(runs)
+        but = (
+            f" but {tuning} of tuning studies (python -m bench tune), which are not results; train with "
+            "the tuned settings: python -m bench run --tuned"
+            if tuning
+            else ""
+        )
         raise NoResultsError(
-            f"no FINISHED runs in {_store_description(tracking_uri, names)}: train with python -m bench run, "
+            f"no FINISHED runs in {_store_description(tracking_uri, names)}{but}: train with python -m bench run, "
             "or choose another store or experiment (--results, --tracking-uri, --experiment)"
         )
     latest: dict[tuple[str, str, str], Run] = {}
@@ -179,15 +213,19 @@ def load_mlflow(tracking_uri: str, experiments: Sequence[str] | None = None) -> 
         dataset = params.get("task") or names_by_id[run.info.experiment_id].removeprefix(EXPERIMENT_PREFIX)
         cell = (dataset, method_label(params), params.get("seed", ""))
         if cell in latest:
-            superseded.append(f"{latest[cell].info.run_id} ({cell[1]} seed {cell[2]} on {cell[0]})")
+            superseded.append(
+                f"{latest[cell].info.run_id} ({cell[1]} seed {cell[2]} on {cell[0]}, run again in {run.info.run_id})"
+            )
         latest[cell] = run
     results = Results(long=pd.DataFrame(columns=LONG_COLUMNS), source=_store_description(tracking_uri, names))
     if superseded:
         results.warnings.append(
             f"{len(superseded)} older run(s) of a method and seed run again later were left out: "
             + "; ".join(superseded)
+            + f". The latest run of each counts; to count an older one instead, delete the later one "
+            f"({_delete_advice(tracking_uri)})"
         )
-    results.warnings.extend(_setting_differences(latest))
+    results.warnings.extend(_setting_differences(latest, tracking_uri))
     rows = []
     for (dataset, method, seed), run in latest.items():
         rows.extend(_run_rows(run, dataset, method, seed))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -179,17 +181,37 @@ def summary_table(task: str, primary_metric: str, results: Sequence[RunResult]) 
     return table
 
 
+SUMMARY_TIME_FORMAT = "%Y%m%dT%H%M%S"
+"""The UTC time in a summary's name, to the second; milliseconds and ``Z`` follow it."""
+
+
+def summary_stem(task: str, moment: datetime) -> str:
+    """``summary-<task>-<UTC time>``, e.g. ``summary-cxr14-20261129T075612.345Z``: names sort by time."""
+    utc = moment.astimezone(timezone.utc)
+    return f"summary-{task}-{utc.strftime(SUMMARY_TIME_FORMAT)}.{utc.microsecond // 1000:03d}Z"
+
+
+def summary_files(results: Path, task: str) -> list[Path]:
+    """The summary CSVs of ``task`` in ``results`` (one per sweep), oldest first; each has its ``.json``."""
+    pattern = re.compile(rf"summary-{re.escape(task)}-\d{{8}}T\d{{6}}\.\d{{3}}Z\.csv")
+    return sorted(p for p in Path(results).glob(f"summary-{task}-*.csv") if pattern.fullmatch(p.name))
+
+
 def write_summary(
     spec: RunSpec,
     primary_metric: str,
     results: Sequence[RunResult],
     tuned: Mapping[str, TunedSetting] | None = None,
 ) -> tuple[Path, Path]:
-    """``<results>/summary-<task>.csv`` (one row per run) and ``.json`` (spec, tuned settings
-    per method with ``--tuned``, runs, per method)."""
+    """``<results>/summary-<task>-<UTC time>.csv`` (one row per run) and ``.json`` (spec, tuned
+    settings per method with ``--tuned``, runs, per method): new files for every sweep, so that
+    no sweep's summary replaces another's (:func:`summary_stem`)."""
     spec.results.mkdir(parents=True, exist_ok=True)
-    csv_path = spec.results / f"summary-{spec.task}.csv"
-    json_path = spec.results / f"summary-{spec.task}.json"
+    moment = datetime.now(timezone.utc)
+    while (spec.results / f"{summary_stem(spec.task, moment)}.csv").exists():  # a sweep in the same millisecond
+        moment += timedelta(milliseconds=1)
+    csv_path = spec.results / f"{summary_stem(spec.task, moment)}.csv"
+    json_path = csv_path.with_suffix(".json")
     flat_rows = []
     for r in results:
         row = {k: v for k, v in asdict(r).items() if k not in ("test", "ms_per_step")}

@@ -50,6 +50,13 @@ def add_tune_parser(commands: Any) -> argparse.ArgumentParser:
         help="replace a search dimension (repeatable): lr, weight_decay or METHOD.HPARAM, "
         "e.g. --space lr=1e-4:1e-2 --space mgda.normalization=none,l2",
     )
+    tune.add_argument(
+        "--full-trials",
+        dest="full_trials",
+        action="store_true",
+        help="also test each trial (test metrics and predictions) and keep its best checkpoint, as `run` "
+        "does (default: a trial only trains and validates; the test split plays no part in tuning)",
+    )
     return tune
 
 

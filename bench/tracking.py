@@ -2,6 +2,8 @@
 
 The default store is SQLite at ``<results>/mlflow.db`` with artifacts under
 ``<results>/mlartifacts``; any tracking URI (a server, ``MLFLOW_TRACKING_URI``) works too.
+Tuning studies (``bench tune``) log into the same experiment; their runs carry the tag
+:data:`TUNING_STUDY_TAG`, and readers of results leave them out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "libmtl")
+
+TUNING_STUDY_TAG = "optuna.study"
+"""MLflow run tag naming the tuning study a run belongs to (the study's run and its trials):
+such a run searches settings and is never a benchmark result."""
+TUNED_FROM_TAG = "tuned_from"
+"""MLflow run tag of a ``run --tuned`` run: the study and trial whose settings it trained with."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The experiment type (tag :data:`EXPERIMENT_KIND_TAG`) of model training, as opposed to a GenAI
+application: MLflow 3 UIs that type experiments by this tag open them at their runs, not their
+traces (later ones, 3.17 among them, follow the UI's own GenAI / Model training switch instead)."""
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -85,6 +98,9 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Opens the experiment of a task suite in a tracking store and logs runs into it.
 
+    The experiment is created with the type tag :data:`EXPERIMENT_KIND_TAG` (model training);
+    an existing experiment without that tag receives it.
+
     A context manager: MLflow's ``set_tracking_uri`` also sets the ``MLFLOW_TRACKING_URI``
     environment variable, which leaving the context restores.
     """
@@ -112,9 +128,14 @@ class Tracker:
         if experiment is None:
             local = "://" not in tracking_uri or tracking_uri.startswith(("sqlite:", "file:"))
             location = (results / "mlartifacts").resolve().as_uri() if local else None
-            self.experiment_id = mlflow.create_experiment(name, artifact_location=location)
+            self.experiment_id = mlflow.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         else:
             self.experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                client = MlflowClient(tracking_uri)
+                client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def start_run(
         self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None

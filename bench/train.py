@@ -184,6 +184,7 @@ def train_run(
     identity: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    evaluate_test: bool = True,
 ) -> RunResult:
     """Train ``method_name`` with ``seed`` on ``suite``; log everything; return the result.
 
@@ -195,7 +196,9 @@ def train_run(
     returned without training; an unfinished one continues from its last epoch checkpoint in
     the same MLflow run. ``run_name`` and ``tags`` label the MLflow run. ``on_epoch(epoch,
     value)`` is called after each epoch (on resume also for the epochs done before) with the
-    validation value of the primary metric; it may raise :class:`StopTraining`.
+    validation value of the primary metric; it may raise :class:`StopTraining`. With
+    ``evaluate_test=False`` the test split is never used: no test metrics, no test predictions
+    (a tuning trial).
     """
     seed_everything(seed)
     device = torch.device(spec.device)
@@ -257,7 +260,8 @@ def train_run(
                     on_epoch(epoch, value)
         _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result,
              progress, checkpoint, on_epoch)
-        _test(spec, suite, model, loaders["test"], device, tracker, result)
+        if evaluate_test:
+            _test(spec, suite, model, loaders["test"], device, tracker, result)
     except methods.NonFiniteLossError as error:
         result.status, result.reason = "FAILED", str(error)
         tracker.set_tags({DIVERGED_TAG: "true"})

@@ -26,9 +26,14 @@ exactly once by the workers (:mod:`bench.studies`); with ``--workers K`` this pr
 it starts work on them, and ``python -m bench worker --storage URL`` joins from anywhere. Running the command
 again adds trials up to a larger ``--trials`` and otherwise trains nothing again.
 
+**Trials see no test data.** A trial trains and validates; it is not tested and keeps no
+best checkpoint, unless ``--full-trials`` asks for both (test metrics and predictions, and the
+checkpoint unless ``--no-checkpoint``), as for every trial that starts after that command.
+
 **MLflow.** Each study is a parent run ``tune-<method>`` in the task's experiment (tags:
 study, storage; at the end the best value as metric ``best_value`` and the best parameters
-as tags ``best.<name>``); each trial is a training run nested under it.
+as tags ``best.<name>``); each trial is a training run nested under it. All of them carry the
+tag :data:`~bench.tracking.TUNING_STUDY_TAG`, by which ``bench report`` leaves them out.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from rich.table import Table
 import methods
 import tasks
 from bench.cli import flags_to_layers
-from bench.jobs import run_claimed
+from bench.jobs import ClaimOutcome, run_claimed
 from bench.spec import RunSpec, parse_assignments, resolve_spec
 from bench.studies import (
     CONFIG_ATTR,
@@ -76,7 +81,7 @@ from bench.studies import (
     open_storage,
 )
 from bench.sweep_cli import StorageOptions
-from bench.tracking import Tracker, flatten
+from bench.tracking import TUNING_STUDY_TAG, Tracker, flatten
 from bench.train import RunResult, StopTraining, train_run
 from methods.base import HParam
 
@@ -91,6 +96,9 @@ COMMON_SPACE: dict[str, BaseDistribution] = {
 SPACE_ATTR = "space"
 METHOD_ATTR = "method"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+FULL_TRIALS_ATTR = "full_trials"
+"""Study user attribute: whether trials are also tested and keep their best checkpoint
+(``--full-trials`` of the latest ``tune`` command)."""
 PRUNE_AFTER_TRIALS = 5
 PRUNE_FROM_EPOCH = 1
 """MedianPruner's ``n_startup_trials`` and ``n_warmup_steps`` (epochs are 0-based steps)."""
@@ -245,9 +253,11 @@ def prepare_study(
     trials: int,
     heartbeat: int,
     tracker: Tracker,
+    full_trials: bool,
 ) -> SharedStudy:
     """Create (or load and check) the study of ``method``, its MLflow parent run, and queue
-    trials until the study holds ``trials`` of them (retries of dead workers' trials aside)."""
+    trials until the study holds ``trials`` of them (retries of dead workers' trials aside);
+    ``full_trials`` applies to the trials that start from now on."""
     name = study_name(spec.task, method)
     stored_spec = _study_spec(spec, method)
     identity = {
@@ -262,14 +272,45 @@ def prepare_study(
         run = client.create_run(
             tracker.experiment_id,
             run_name=f"tune-{method}",
-            tags={"optuna.study": name, "optuna.storage": masked(url), "method": method},
+            tags={TUNING_STUDY_TAG: name, "optuna.storage": masked(url), "method": method},
         )
         params = {**flatten(stored_spec), **{f"space.{n}": repr(d) for n, d in space.items()}}
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         shared.study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
-    originals = [t for t in shared.study.get_trials(deepcopy=False) if "failed_trial" not in t.system_attrs]
-    add_waiting_trials(shared, [{} for _ in range(trials - len(originals))])
+    shared.study.set_user_attr(FULL_TRIALS_ATTR, full_trials)
+    add_waiting_trials(shared, [{} for _ in range(trials - budget(shared))])
     return shared
+
+
+def budget(shared: SharedStudy) -> int:
+    """The number of trials the study was given: its trials less the retries of dead workers' ones."""
+    return sum("failed_trial" not in t.system_attrs for t in shared.study.get_trials(deepcopy=False))
+
+
+def trial_label(shared: SharedStudy, claim: Claim) -> str:
+    """``tune/<task>/<method> trial k of n (#number)``: k counts from 1, ``#number`` is Optuna's
+    trial number (from 0); a retry of a dead worker's trial counts as the trial it repeats."""
+    number = f"#{claim.frozen.number}"
+    if claim.first_number != claim.frozen.number:
+        number += f", retrying #{claim.first_number}"
+    return f"{shared.name} trial {claim.first_number + 1} of {budget(shared)} ({number})"
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """``lr=0.000316, weight_decay=1.05e-05, rescale=1``: floats to 3 significant digits."""
+    return ", ".join(f"{name}={_short(value)}" for name, value in params.items())
+
+
+def outcome_line(label: str, outcome: ClaimOutcome, metric: str, last_value: float | None) -> str:
+    """One line on how a trial ended: state (and why, when not complete), its value (the best
+    validation value; for a pruned trial the last one reported) to 4 significant digits, duration."""
+    parts = [outcome.state.name if outcome.reason is None else f"{outcome.state.name} ({outcome.reason})"]
+    if outcome.state == TrialState.COMPLETE and outcome.result is not None and outcome.result.best_val is not None:
+        parts.append(f"best validation {metric} {outcome.result.best_val:.4g}")
+    elif outcome.state == TrialState.PRUNED and last_value is not None:
+        parts.append(f"last validation {metric} {last_value:.4g}")
+    parts.append(f"{outcome.seconds:.1f} s")
+    return f"{label}: {', '.join(parts)}"
 
 
 def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) -> str:
@@ -284,18 +325,25 @@ def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) 
     trial = optuna.Trial(shared.study, claim.trial_id)
     params = {name: suggest(trial, name, dimension) for name, dimension in space.items()}
     first = claim.first_number
+    full = bool(attrs.get(FULL_TRIALS_ATTR, False))
+    trial_spec = tuned_spec(spec, method, params)
+    if not full:
+        trial_spec = dataclasses.replace(trial_spec, save_checkpoint=False)
+    reported: list[float] = []
 
     def report(epoch: int, value: float) -> None:
+        reported.append(value)
         trial.report(value, epoch)
         if trial.should_prune():
             raise StopTraining(f"pruned by Optuna's {type(shared.study.pruner).__name__} after epoch {epoch + 1}")
 
-    context.console.print(f"{shared.name} trial {claim.frozen.number}: {params}")
+    label = trial_label(shared, claim)
+    context.console.print(f"{label}: {format_params(params)}")
 
     def train() -> RunResult:
         with Tracker(spec.tracking_uri, spec.task, spec.results) as tracker:
             return train_run(
-                tuned_spec(spec, method, params),
+                trial_spec,
                 suite,
                 method,
                 spec.seeds[0],
@@ -304,14 +352,16 @@ def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) 
                 identity={"study": shared.name, "trial": first},
                 tags={
                     "mlflow.parentRunId": attrs[PARENT_RUN_ATTR],
-                    "optuna.study": shared.name,
+                    TUNING_STUDY_TAG: shared.name,
                     "optuna.trial": str(claim.frozen.number),
                 },
                 on_epoch=report,
+                evaluate_test=full,
             )
 
-    state, _ = run_claimed(shared, claim, context.console, train)
-    return state.name
+    outcome = run_claimed(shared, claim, context.console, train)
+    context.console.print(outcome_line(label, outcome, suite.primary_metric, reported[-1] if reported else None))
+    return outcome.state.name
 
 
 def finish_study(shared: SharedStudy, tracking_uri: str) -> str | None:
@@ -379,6 +429,7 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
 
     given = vars(args)
     trials, space_items = given.pop("trials"), given.pop("space", [])
+    full_trials = given.pop("full_trials", False)
     try:
         options = StorageOptions.pop(args)
         if trials < 1:
@@ -397,7 +448,8 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
         open_storage(url)
         with Tracker(spec.tracking_uri, spec.task, spec.results) as tracker:
             studies = [
-                prepare_study(url, spec, suite, m, spaces[m], trials, options.heartbeat, tracker) for m in spec.methods
+                prepare_study(url, spec, suite, m, spaces[m], trials, options.heartbeat, tracker, full_trials)
+                for m in spec.methods
             ]
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
         console.print(f"[red]error:[/] {error}")
@@ -438,8 +490,8 @@ def tuning_table(studies: Sequence[SharedStudy]) -> Table:
         table.add_row(
             shared.attrs[METHOD_ATTR],
             f"{counts[TrialState.COMPLETE]}/{counts[TrialState.PRUNED]}/{counts[TrialState.FAIL]}/{left}",
-            "-" if best is None else f"{best.value:.4f} (trial {best.number})",
-            "-" if best is None else ", ".join(f"{k}={_short(v)}" for k, v in best.params.items()),
+            "-" if best is None else f"{best.value:.4f} (#{best.number})",
+            "-" if best is None else format_params(best.params),
             ", ".join(f"{w}: {n}" for w, n in sorted(workers.items())),
         )
     return table

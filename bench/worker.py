@@ -50,7 +50,8 @@ JOBS: dict[str, Callable[[SharedStudy, Claim, WorkerContext], str]] = {
     "tune": run_tuning_trial,
     "grid": run_grid_cell,
 }
-"""What a worker does with a claimed trial, by the kind of its study."""
+"""What a worker does with a claimed trial, by the kind of its study: train it, print a line on
+how it ended, return the trial's final state name."""
 POLL_SECONDS = 2.0
 """How often an idle worker looks at the storage."""
 
@@ -96,13 +97,9 @@ def work(url: str, names: Sequence[str] | None, context: WorkerContext) -> Count
             time.sleep(POLL_SECONDS)  # trials run elsewhere: wait for them, retry them if their worker dies
             continue
         shared, claim = claimed
-        started = time.perf_counter()
         with heartbeat(shared, claim):
             state = JOBS[shared.attrs[KIND_ATTR]](shared, claim, context)
         ended[state] += 1
-        context.console.print(
-            f"{shared.name} trial {claim.frozen.number}: {state} after {time.perf_counter() - started:.1f} s"
-        )
 
 
 def run_workers(url: str, names: Sequence[str], count: int, results: Path, console: Console) -> None:

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 import methods
 from bench.cli import main
-from bench.tracking import experiment_name
+from bench.runner import summary_files
+from bench.tracking import EXPERIMENT_KIND_TAG, Tracker, experiment_name
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "cxr14-synthetic"
@@ -106,9 +107,9 @@ def test_deepchest_weights_follow_its_rule_in_a_real_run(sweep: Path) -> None:
 
 
 def test_summary_files_and_same_seed_same_numbers(sweep: Path, tmp_path: Path) -> None:
-    summary = pd.read_csv(sweep / f"summary-{TASK}.csv")
+    summary = pd.read_csv(summary_files(sweep, TASK)[-1])
     assert len(summary) == 6 and set(summary["status"]) == {"FINISHED"}
-    data = json.loads((sweep / f"summary-{TASK}.json").read_text())
+    data = json.loads(summary_files(sweep, TASK)[-1].with_suffix(".json").read_text())
     assert [m["method"] for m in data["methods"]] == ["ew", "deepchest", "pcgrad"]
     assert data["methods"][0]["ratio_to_ew"] == pytest.approx(1.0)
     # Deterministic on CPU: the config saved with a run reproduces its test metrics.
@@ -116,10 +117,38 @@ def test_summary_files_and_same_seed_same_numbers(sweep: Path, tmp_path: Path) -
     client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
     saved = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert main(["run", "--config", saved, "--results", str(tmp_path), "--no-checkpoint"]) == 0
-    again = pd.read_csv(tmp_path / f"summary-{TASK}.csv").iloc[0]
+    again = pd.read_csv(summary_files(tmp_path, TASK)[-1]).iloc[0]
     first = summary[(summary["method"] == "ew") & (summary["seed"] == 1)].iloc[0]
     assert again["test_mean_auroc"] == first["test_mean_auroc"]
     assert again["best_val"] == first["best_val"]
+
+
+def test_each_sweep_in_a_results_folder_keeps_its_own_summary(
+    results: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = ["--task-opt", "n_images=140", "--task-opt", "min_positives=1", "--epochs", "1", "--no-checkpoint"]
+    printed = []
+    for method in ("ew", "uw"):
+        assert main(["run", *SMALL, *tiny, "--methods", method, "--results", str(results)]) == 0
+        printed.append(" ".join(capsys.readouterr().out.split()))
+    csvs = sorted(results.glob(f"summary-{TASK}*.csv"))
+    assert [pd.read_csv(path)["method"].tolist() for path in csvs] == [["ew"], ["uw"]]
+    assert [json.loads(p.with_suffix(".json").read_text())["spec"]["methods"] for p in csvs] == [["ew"], ["uw"]]
+    assert summary_files(results, TASK) == csvs
+    for path, out in zip(csvs, printed):
+        assert f"summary: {path} and {path.with_suffix('.json')}" in out
+
+
+def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(results: Path) -> None:
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    with Tracker(uri, TASK, results) as tracker:
+        created = client.get_experiment(tracker.experiment_id)
+    older = client.create_experiment(experiment_name("nyuv2"))  # made before the harness set the type
+    with Tracker(uri, "nyuv2", results):
+        pass
+    assert created.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_config_file_with_flag_override(tmp_path: Path) -> None:
@@ -183,7 +212,7 @@ def test_non_finite_loss_fails_that_run_and_the_sweep_goes_on(tmp_path: Path, mo
     assert runs["uwo"].info.status == "FAILED"
     assert "non-finite loss" in runs["uwo"].data.tags["failure_reason"]
     assert runs["ew"].info.status == "FINISHED"
-    summary = pd.read_csv(tmp_path / f"summary-{TASK}.csv")
+    summary = pd.read_csv(summary_files(tmp_path, TASK)[-1])
     assert list(summary["status"]) == ["FAILED", "FINISHED"]
 
 
@@ -203,7 +232,7 @@ def test_ctrl_c_marks_the_run_killed_and_the_store_stays_readable(tmp_path: Path
     assert run_cli(tmp_path, "--methods", "ew,uwso") == 130
     (run,) = runs_of(tmp_path)
     assert run.info.status == "KILLED" and run.data.params["method"] == "ew"
-    assert pd.read_csv(tmp_path / f"summary-{TASK}.csv")["status"].tolist() == ["KILLED"]
+    assert pd.read_csv(summary_files(tmp_path, TASK)[-1])["status"].tolist() == ["KILLED"]
 
 
 def test_list_prints_methods_hyperparameters_and_tasks(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tasks
+from bench.runner import summary_files
 from tasks import cxr14, image_cache, models, nih
 from tasks.augment import BatchAugmentation
 from tasks.cxr14_synthetic import load_metadata
@@ -317,7 +318,7 @@ def test_cli_runs_cxr14_end_to_end_on_real_pixels(nih_folder: tuple[Path, pd.Dat
     assert done.returncode == 0, done.stderr[-3000:]
     truncated, missing = table["Image Index"].iloc[3], table["Image Index"].iloc[4]
     assert missing in done.stderr and truncated in done.stderr
-    summary = json.loads((tmp_path / "results" / "summary-cxr14.json").read_text())
+    summary = json.loads(summary_files(tmp_path / "results", "cxr14")[-1].with_suffix(".json").read_text())
     rows = summary["runs"] if isinstance(summary, dict) else summary
     assert {row["method"] for row in rows} == {"ew", "deepchest"}
     assert all(row["status"] == "FINISHED" for row in rows)

@@ -20,6 +20,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 import methods
 import tasks
 from bench.cli import main
+from bench.runner import summary_files
 from bench.spec import resolve_spec
 from bench.train import make_scheduler
 from tasks import nyuv2, nyuv2_synthetic
@@ -469,7 +470,7 @@ def test_every_method_runs_end_to_end_from_the_cli(tmp_path: Path, data_dir: Pat
         "--results", str(results),
     ])
     assert code == 0
-    summary = json.loads((results / "summary-nyuv2-synthetic.json").read_text())
+    summary = json.loads(summary_files(results, "nyuv2-synthetic")[-1].with_suffix(".json").read_text())
     runs = {run["method"]: run for run in summary["runs"]}
     assert set(runs) == {*methods.available(), "libmtl:mgda"}
     expected_keys = set(tasks.create("nyuv2-synthetic", data_dir=str(data_dir), **TINY).metric_directions())

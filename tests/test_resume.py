@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 import methods
 from bench.cli import main
 from bench.resume import EpochCheckpoint, FitProgress, capture_rng, run_key
+from bench.runner import summary_files
 from bench.tracking import experiment_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def results(tmp_path: Path, mlflow_template: Path) -> Path:
 
 
 def summary_row(results: Path) -> dict:
-    (row,) = json.loads((results / f"summary-{TASK}.json").read_text())["runs"]
+    (row,) = json.loads(summary_files(results, TASK)[-1].with_suffix(".json").read_text())["runs"]
     return row
 
 

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from bench import worker
 from bench.cli import main
+from bench.runner import summary_files
 from bench.tracking import experiment_name
 from bench.tune import study_name
 
@@ -177,14 +178,15 @@ def test_three_workers_on_postgresql_train_each_cell_exactly_once(
     runs = mlflow_runs(results)
     assert sorted((r.data.params["method"], int(r.data.params["seed"])) for r in runs) == cells
     assert {r.info.status for r in runs} == {"FINISHED"}
-    summary = pd.read_csv(results / f"summary-{TASK}.csv")
+    summary = pd.read_csv(summary_files(results, TASK)[-1])
     assert sorted(zip(summary["method"], summary["seed"])) == cells
     assert set(summary["run_id"]) == {r.info.run_id for r in runs}
 
     # The same command again trains nothing and rebuilds the same summary from the storage.
     assert main(argv) == 0
     assert len(mlflow_runs(results)) == 3
-    assert pd.read_csv(results / f"summary-{TASK}.csv").equals(summary)
+    first, again = summary_files(results, TASK)
+    assert pd.read_csv(first).equals(summary) and pd.read_csv(again).equals(summary)
 
 
 def test_wrong_postgresql_password_is_a_clear_error_that_writes_nothing(

@@ -1,20 +1,24 @@
 """`python -m bench tune`: search spaces from the methods' declarations, pruning, a journal
-file storage, `run --tuned` without a completed trial, and clear errors that write nothing.
+file storage, `run --tuned` without a completed trial, clear errors that write nothing, trials
+that see no test data, and a report that never reads tuning runs as results.
 Studies shared by several worker processes: tests/test_shared_sweeps.py."""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 import methods
 from bench.cli import main
-from bench.tracking import experiment_name
+from bench.results_io import NoResultsError, load_mlflow
+from bench.tracking import TUNED_FROM_TAG, TUNING_STUDY_TAG, experiment_name
 from bench.tune import parse_space, search_space, study_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,3 +143,72 @@ def test_a_journal_file_storage(results: Path) -> None:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     (trial,) = optuna.load_study(study_name=study_name(TASK, "ew"), storage=storage).get_trials()
     assert trial.state.name == "COMPLETE"
+
+
+def test_the_report_reads_the_benchmark_runs_and_never_the_tuning_runs(results: Path) -> None:
+    # A benchmark run, then a tuning study of the same method and seed: its trial ran later.
+    assert main(["run", *TINY, "--epochs", "1", "--methods", "ew", "--results", str(results)]) == 0
+    assert main(["tune", *TINY, "--epochs", "1", "--methods", "ew", "--trials", "1", "--results", str(results)]) == 0
+    runs = mlflow_runs(results)
+    (benchmark,) = [r for r in runs if TUNING_STUDY_TAG not in r.data.tags]
+    assert len(runs) == 3  # the benchmark run, the study's run and its trial
+    loaded = load_mlflow(f"sqlite:///{results / 'mlflow.db'}")
+    assert [r.run_id for r in loaded.runs] == [benchmark.info.run_id]
+    assert set(loaded.long["method"]) == {"ew"} and loaded.warnings == []
+    value = loaded.long.set_index("metric").loc["mean_auroc", "value"]
+    assert value == benchmark.data.metrics["test/mean_auroc"]
+
+
+def _finished_run(client: MlflowClient, experiment_id: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    run = client.create_run(experiment_id, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    client.log_metric(run.info.run_id, "test/mean_auroc", 0.6)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_tuned_learning_rates_differ_by_method_and_other_differences_name_the_runs_to_delete(results: Path) -> None:
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(experiment_name(TASK))
+    _finished_run(client, experiment, {"method": "ew", "seed": "0"}, {TUNING_STUDY_TAG: study_name(TASK, "ew")})
+    with pytest.raises(NoResultsError, match="but 1 of tuning studies .* python -m bench run --tuned"):
+        load_mlflow(uri)
+
+    common = {"task": TASK, "seed": "0", "epochs": "20", "weight_decay": "0.0"}
+    tuned = [
+        _finished_run(client, experiment, {**common, "method": m, "lr": lr}, {TUNED_FROM_TAG: f"{m} study, trial 0"})
+        for m, lr in (("ew", "0.001"), ("uw", "0.0003"))
+    ]
+    assert load_mlflow(uri).warnings == []  # each method with its own tuned learning rate
+    short = _finished_run(client, experiment, {**common, "method": "uwo", "lr": "0.001", "epochs": "2"}, {})
+    (warning,) = load_mlflow(uri).warnings
+    assert f"epochs (2 in run(s) {short}, 20 in run(s) {', '.join(tuned)})" in warning
+    assert f"MLFLOW_TRACKING_URI={uri} mlflow runs delete --run-id ID" in warning
+
+
+def test_a_trial_is_neither_tested_nor_checkpointed_unless_asked_and_prints_one_readable_line(
+    results: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keeping_checkpoints = [a for a in TINY if a != "--no-checkpoint"]
+    argv = ["tune", *keeping_checkpoints, "--epochs", "1", "--methods", "ew", "--results", str(results)]
+    assert main([*argv, "--trials", "1"]) == 0
+    first_out = " ".join(capsys.readouterr().out.split())
+    assert main([*argv, "--trials", "2", "--full-trials"]) == 0  # for the trials that start from now on
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    trials = {int(r.data.tags["optuna.trial"]): r for r in mlflow_runs(results) if "optuna.trial" in r.data.tags}
+    artifacts = {n: {a.path for a in client.list_artifacts(r.info.run_id)} for n, r in trials.items()}
+    assert not any(key.startswith("test/") for key in trials[0].data.metrics)
+    assert {"best_checkpoint.pt", "test_predictions.csv"}.isdisjoint(artifacts[0])
+    assert "test/mean_auroc" in trials[1].data.metrics
+    assert {"best_checkpoint.pt", "test_predictions.csv"} <= artifacts[1]
+
+    study = optuna.load_study(study_name=study_name(TASK, "ew"), storage=f"sqlite:///{results / 'optuna.db'}")
+    first = study.trials[0]
+    name = study_name(TASK, "ew")
+    params = f"lr={first.params['lr']:.3g}, weight_decay={first.params['weight_decay']:.3g}"
+    assert f"{name} trial 1 of 1 (#0): {params}" in first_out
+    ended = re.search(rf"{name} trial 1 of 1 \(#0\): COMPLETE, best validation mean_auroc (\S+), (\S+) s", first_out)
+    assert ended is not None, first_out
+    assert float(ended.group(1)) == float(f"{first.value:.4g}") and float(ended.group(2)) > 0
+    assert "{'lr'" not in first_out  # no raw dictionary

@@ -397,7 +397,8 @@ def test_sixteen_bit_pngs_are_cached_as_their_eight_bit_version(tmp_path: Path) 
     files["I.tiff"] = Image.fromarray(wide.astype(np.int32))
     for name, image in files.items():
         image.save(tmp_path / name)
-    assert [Image.open(tmp_path / name).mode for name in files] == ["L", "I;16", "I;16B", "I"]
+    modes = [Image.open(tmp_path / name).mode for name in files]
+    assert modes[0] == "L" and modes[1] in ("I;16", "I") and modes[2:] == ["I;16B", "I"]  # "I": older Pillow
     cache = image_cache.ImageCache(tmp_path / "cache", tmp_path, list(files), 64)
     cache.build({name: tmp_path / name for name in files}, progress=False)
     pixels = cache.images()[:, 0].astype(np.int16)

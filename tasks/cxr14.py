@@ -18,9 +18,12 @@ Without them (``split=random``) patients are shuffled into train/val/test holdin
 that every finding keeps up to ``min_positives`` positives in every split (the rarest first;
 see :func:`tasks.nih.sample_split`).
 
-Images are decoded and resized once into a :class:`~tasks.image_cache.ImageCache` under
-``cache_dir`` and read from it memory-mapped. Images listed in the table but missing on disk,
-and files that cannot be decoded, are reported by name with their count and left out.
+The table is checked row by row (:func:`tasks.nih.read_data_entry`): a malformed row is
+refused with its line, never filled in. Images are decoded (16-bit PNGs scaled to 8 bits) and
+resized once into a :class:`~tasks.image_cache.ImageCache` under ``cache_dir`` and read from
+it memory-mapped; an image whose file changed size or modification time since it was cached
+is decoded again. Images listed in the table but missing on disk, and files that cannot be
+decoded, are reported by name with their count and left out.
 Training batches are augmented on the training device (:mod:`tasks.augment`).
 """
 
@@ -38,16 +41,24 @@ from tasks.base import SPLIT_NAMES
 from tasks.checks import check_choice, check_integer, check_real
 from tasks.image_cache import ImageCache
 from tasks.multilabel import ImageLabelDataset, MultiLabelSuite
-from tasks.nih import FINDINGS, SUBSET_OPTION_HELP, ChestXray14Metadata, assign_patients, check_patient_disjoint, draw_subset, read_data_entry
+from tasks.nih import (
+    DOWNLOAD_URL,
+    FINDINGS,
+    SUBSET_OPTION_HELP,
+    ChestXray14Metadata,
+    assign_patients,
+    check_patient_disjoint,
+    draw_subset,
+    read_data_entry,
+)
 from tasks.registry import register
 
 TABLE_FILE = "Data_Entry_2017.csv"
 OFFICIAL_LISTS = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
-DOWNLOAD_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 
 
 class DataWarning(UserWarning):
-    """Images of the table that are missing or unreadable and were left out."""
+    """Images of the table that are missing or unreadable and were left out, or decoded again."""
 
 
 def default_data_dir() -> str:
@@ -178,6 +189,13 @@ class ChestXray14Suite(MultiLabelSuite):
         report = cache.build(
             {str(name): on_disk.get(str(name)) for name in metadata.image_ids[needed]}, workers=self.cache_workers
         )
+        if report.refreshed:
+            warnings.warn(
+                f"{report.refreshed} cached image(s) changed on disk (size or modification time) and were "
+                "decoded again",
+                DataWarning,
+                stacklevel=2,
+            )
         missing = [name for name, reason in report.failed.items() if reason == "file not found"]
         _report_left_out("of the table are missing on disk", missing)
         _report_left_out(

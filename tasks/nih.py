@@ -13,8 +13,10 @@ strongly correlated and a split by image leaks (Rajpurkar et al., 2017, split by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,6 +42,11 @@ FINDINGS: tuple[str, ...] = (
 TABLE_COLUMNS: tuple[str, ...] = ("Image Index", "Finding Labels", "Patient ID")
 """The columns of ``Data_Entry_2017.csv`` that are read."""
 
+DOWNLOAD_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+"""Where the NIH Clinical Center distributes the data set and its table."""
+
+_DOWNLOAD_AGAIN = f"download Data_Entry_2017.csv again from {DOWNLOAD_URL}"
+
 
 @dataclass(frozen=True)
 class ChestXray14Metadata:
@@ -63,37 +70,102 @@ class ChestXray14Metadata:
 def read_data_entry(path: str | Path) -> ChestXray14Metadata:
     """Parse a ``Data_Entry_2017.csv`` table (2017 or 2020 revision, plain or ``.gz``).
 
-    Raises ``ValueError`` naming the file when a required column is missing, an image is
-    listed twice, or a finding is not one of the 14 nor ``No Finding``.
+    Blank lines are skipped. Raises ``ValueError`` naming the file, and the CSV line (the
+    header is line 1) and ``Image Index`` of the first offending row, when the file is not a
+    CSV table (a row with more fields than the header, say), a required column is missing,
+    an ``Image Index`` is blank or listed twice, a ``Finding Labels`` cell is empty or holds
+    a finding that is neither one of the 14 nor ``No Finding``, or a ``Patient ID`` is not a
+    non-negative integer.
     """
     path = Path(path)
-    header = pd.read_csv(path, nrows=0)
+    header = _read_csv(path, nrows=0)
     header.columns = header.columns.str.strip()
     missing = [column for column in TABLE_COLUMNS if column not in header.columns]
     if missing:
         raise ValueError(
             f"{path} lacks the column(s) {missing}; a ChestX-ray14 Data_Entry_2017.csv has "
-            f"{', '.join(TABLE_COLUMNS)} (found: {', '.join(header.columns)})"
+            f"{', '.join(TABLE_COLUMNS)} (found: {', '.join(header.columns)}); {_DOWNLOAD_AGAIN}"
         )
-    table = pd.read_csv(path, usecols=lambda column: column.strip() in TABLE_COLUMNS, dtype={"Image Index": str})
+    # Every column is parsed so that a row with more fields than the header is refused.
+    table = _read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     table.columns = table.columns.str.strip()
-    duplicated = table["Image Index"][table["Image Index"].duplicated()]
-    if len(duplicated):
-        raise ValueError(f"{path} lists {len(duplicated)} image(s) twice, e.g. {duplicated.iloc[0]!r}")
-    codes, combinations = pd.factorize(table["Finding Labels"].astype(str).str.strip())
-    combination_labels = np.zeros((len(combinations), len(FINDINGS)), dtype=np.uint8)
+    table = table[(table != "").any(axis=1)]  # blank lines; the index keeps each row's place in the file
+    table = table[list(TABLE_COLUMNS)].apply(lambda column: column.str.strip())
+    if table.empty:
+        raise ValueError(f"{path} lists no images; {_DOWNLOAD_AGAIN}")
+    image_ids = table["Image Index"]
+    _refuse_rows(path, table, image_ids == "", lambda row: "its Image Index (the image's file name) is blank")
+    _refuse_rows(
+        path,
+        table,
+        image_ids.duplicated(),
+        lambda row: f"the image is listed before, on line {_line(image_ids.index[image_ids == row['Image Index']][0])}",
+    )
+    _refuse_rows(
+        path,
+        table,
+        table["Finding Labels"] == "",
+        lambda row: "its Finding Labels is empty (an image without findings reads 'No Finding')",
+    )
+    _refuse_rows(
+        path,
+        table,
+        ~table["Patient ID"].str.fullmatch(r"\d{1,18}"),
+        lambda row: f"its Patient ID {row['Patient ID']!r} is not a non-negative integer",
+    )
     known = set(FINDINGS) | {"No Finding"}
-    for row, combination in enumerate(combinations):
-        for finding in combination.split("|"):
-            finding = finding.strip()
-            if finding not in known:
-                raise ValueError(f"{path} holds an unknown finding {finding!r}; expected one of {sorted(known)}")
-            if finding != "No Finding":
-                combination_labels[row, FINDINGS.index(finding)] = 1
+    codes, combinations = pd.factorize(table["Finding Labels"])
+    unknown = np.array([not set(_split_findings(combination)) <= known for combination in combinations])
+    _refuse_rows(
+        path,
+        table,
+        unknown[codes],
+        lambda row: f"its Finding Labels holds {sorted(set(_split_findings(row['Finding Labels'])) - known)}, "
+        f"which are neither one of the 14 findings {list(FINDINGS)} nor 'No Finding'",
+    )
+    combination_labels = np.zeros((len(combinations), len(FINDINGS)), dtype=np.uint8)
+    for index, combination in enumerate(combinations):
+        present = [FINDINGS.index(finding) for finding in _split_findings(combination) if finding != "No Finding"]
+        combination_labels[index, present] = 1
     return ChestXray14Metadata(
-        image_ids=table["Image Index"].str.strip().to_numpy(dtype=object),
-        patient_ids=table["Patient ID"].to_numpy(dtype=np.int64),
+        image_ids=image_ids.to_numpy(dtype=object),
+        patient_ids=table["Patient ID"].to_numpy().astype(np.int64),
         labels=combination_labels[codes],
+    )
+
+
+def _read_csv(path: Path, **options: Any) -> pd.DataFrame:
+    """``pandas.read_csv(path, **options)``; a file that is no CSV table raises ``ValueError`` naming it."""
+    try:
+        return pd.read_csv(path, **options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as a CSV table ({str(error).strip()}); {_DOWNLOAD_AGAIN}") from None
+
+
+def _split_findings(labels: str) -> list[str]:
+    """The findings of a ``Finding Labels`` cell (joined by ``|``)."""
+    return [finding.strip() for finding in labels.split("|")]
+
+
+def _line(row: int) -> int:
+    """The 1-based CSV line of the table row at file position ``row`` (the header is line 1)."""
+    return row + 2
+
+
+def _refuse_rows(
+    path: Path, table: pd.DataFrame, bad: pd.Series | np.ndarray, problem: Callable[[pd.Series], str]
+) -> None:
+    """Raise ``ValueError`` naming the first row of ``table`` where ``bad`` holds, ``problem(row)`` and their count."""
+    bad = np.asarray(bad, dtype=bool)
+    if not bad.any():
+        return
+    position = table.index[np.flatnonzero(bad)[0]]
+    row = table.loc[position]
+    name = f" (Image Index {row['Image Index']!r})" if row["Image Index"] else ""
+    count = int(bad.sum())
+    others = f"; {count - 1} more row(s) have this problem" if count > 1 else ""
+    raise ValueError(
+        f"{path}, line {_line(position)}{name}: {problem(row)}{others}; correct the table or {_DOWNLOAD_AGAIN}"
     )
 
 

@@ -21,13 +21,17 @@ image depends only on the seed, its folder, its number and the image size):
 
 The files go to ``<data_dir>/nyuv2-synthetic-v1-<H>x<W>-train<n>-val<m>-seed<s>/``, written
 once: into a temporary folder first, renamed into place when complete, so concurrent runs
-never read a half-written set.
+never read a half-written set. ``data_dir`` defaults to this user's cache folder (see
+:func:`default_data_dir`), created with mode 0700. A set is reused only when its folder is
+owned by this user and writable by no one else, so that another local user cannot swap its
+data (as anyone could in a fixed-name folder of the shared temporary directory).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,23 @@ def write_dataset(root: Path, folder_sizes: dict[str, int], height: int, width: 
                 np.save(root / folder / modality / f"{index}.npy", array)
 
 
+def default_data_dir() -> Path:
+    """``$XDG_CACHE_HOME/mtl-weighting-bench/nyuv2-synthetic``, ``~/.cache/...`` when it is unset."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "mtl-weighting-bench" / "nyuv2-synthetic"
+
+
+def check_private(folder: Path) -> None:
+    """Raise ``ValueError`` unless ``folder`` is owned by this user and not group- or world-writable."""
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(
+            f"{folder} is not private to this user (owner uid {info.st_uid}, this user {os.getuid()}; mode "
+            f"{stat.filemode(info.st_mode)}): another user could have changed the data in it. Delete it to "
+            "have it generated again, or pass a data_dir (--data-dir) of your own"
+        )
+
+
 def ensure_dataset(base_dir: Path, folder_sizes: dict[str, int], height: int, width: int, data_seed: int) -> Path:
     """The folder of this data set under ``base_dir``, generated first if absent (module docstring)."""
     name = (
@@ -131,8 +152,9 @@ def ensure_dataset(base_dir: Path, folder_sizes: dict[str, int], height: int, wi
     )
     root = base_dir / name
     if root.is_dir():
+        check_private(root)
         return root
-    base_dir.mkdir(parents=True, exist_ok=True)
+    base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{name}.partial-", dir=base_dir))
     try:
         write_dataset(scratch, folder_sizes, height, width, data_seed)
@@ -140,6 +162,7 @@ def ensure_dataset(base_dir: Path, folder_sizes: dict[str, int], height: int, wi
     except OSError:
         if not root.is_dir():  # not a concurrent writer that finished first: a real failure
             raise
+        check_private(root)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
@@ -164,7 +187,7 @@ class NYUv2SyntheticSuite(NYUv2FormatSuite):
         "val_fraction": "share of the train/ images carved out for validation, in (0, 1)",
         "split_seed": "seed of the random train/validation carve",
         "augment": "random scale 1.0/1.2/1.5 and horizontal flip of training batches",
-        "data_dir": "where the generated files are kept (default: the system's temporary folder)",
+        "data_dir": "where the generated files are kept (default $XDG_CACHE_HOME/mtl-weighting-bench/nyuv2-synthetic)",
     }
 
     def __init__(
@@ -184,7 +207,7 @@ class NYUv2SyntheticSuite(NYUv2FormatSuite):
         if height % 3:
             raise ValueError(f"image_size must be a multiple of 3 (the width is 4/3 of it), got {height}")
         self.data_seed = check_integer("data_seed", data_seed, 0, 2**32 - 1)
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else Path(tempfile.gettempdir())
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         folder_sizes = {"train": self.n_train, "val": self.n_test}
         root = ensure_dataset(self.data_dir, folder_sizes, height, height * 4 // 3, self.data_seed)
         self._load(root, (height, height * 4 // 3), folder_sizes, val_fraction, split_seed, augment, "none")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tasks
+from bench.cli import main
 from bench.runner import summary_files
 from tasks import cxr14, image_cache, models, nih
 from tasks.augment import BatchAugmentation
@@ -121,6 +123,87 @@ def test_a_table_without_required_columns_is_refused_by_name(tmp_path: Path) -> 
     table.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match="Patient ID"):
         nih.read_data_entry(tmp_path / "bad.csv")
+
+
+def without_whitespace(text: str) -> str:
+    """``text`` without spaces and line breaks, so that a path the console wrapped still matches."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("Finding Labels", "", "its Finding Labels is empty"),
+        ("Patient ID", "", "its Patient ID '' is not a non-negative integer"),
+        ("Patient ID", "P-17", "its Patient ID 'P-17' is not a non-negative integer"),
+        ("Image Index", "", "its Image Index (the image's file name) is blank"),
+        ("Finding Labels", "Mass|Tumour", "its Finding Labels holds ['Tumour']"),
+    ],
+)
+def test_a_malformed_table_row_is_refused_with_its_line(tmp_path: Path, column: str, value: str, problem: str) -> None:
+    table = table_rows(50).astype({"Patient ID": object})
+    name = table["Image Index"].iloc[7]
+    table.loc[table.index[7], column] = value
+    path = tmp_path / "Data_Entry_2017.csv"
+    write_table(table, path, 2017)
+    where = f"{path}, line 9" + (f" (Image Index {name!r})" if column != "Image Index" else "")
+    with pytest.raises(ValueError) as refused:
+        nih.read_data_entry(path)
+    message = str(refused.value)
+    assert message.startswith(f"{where}: {problem}") and nih.DOWNLOAD_URL in message
+
+
+def test_blank_lines_are_skipped_and_counted_in_the_reported_line(tmp_path: Path) -> None:
+    table = table_rows(50).astype({"Patient ID": object})
+    path = tmp_path / "Data_Entry_2017.csv"
+
+    def write_with_blank_lines() -> None:
+        write_table(table, path, 2020)
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n\n")
+
+    write_with_blank_lines()
+    assert nih.read_data_entry(path).image_ids.tolist() == table["Image Index"].tolist()
+    table.loc[table.index[9], "Patient ID"] = "x"
+    write_with_blank_lines()
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 12 (Image Index {table['Image Index'].iloc[9]!r})")):
+        nih.read_data_entry(path)
+
+
+def test_a_duplicated_image_names_both_lines(tmp_path: Path) -> None:
+    table = table_rows(50)
+    table.loc[table.index[20], "Image Index"] = table["Image Index"].iloc[5]
+    write_table(table, tmp_path / "t.csv", 2020)
+    with pytest.raises(ValueError, match=r"t\.csv, line 22 .*listed before, on line 7"):
+        nih.read_data_entry(tmp_path / "t.csv")
+
+
+MALFORMED_TABLES = {
+    "not CSV": ("Image Index,Finding Labels,Patient ID\na.png,Mass,1\nb.png,Mass,2,7,8\n", "Error tokenizing data"),
+    "empty": ("", "No columns to parse from file"),
+    "no Patient ID": ("Image Index,Finding Labels\na.png,Mass\n", "lacks the column(s) ['Patient ID']"),
+    "non-numeric Patient ID": ("Image Index,Finding Labels,Patient ID\na.png,Mass,1\nb.png,Mass,two\n", "line 3"),
+    "blank Image Index": ("Image Index,Finding Labels,Patient ID\na.png,Mass,1\n ,Mass,2\n", "line 3"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_TABLES)
+def test_a_malformed_table_is_a_clean_cli_error_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    content, problem = MALFORMED_TABLES[case]
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "d" / "Data_Entry_2017.csv"
+    path.write_text(content)
+    code = main([
+        "run", "--task", "cxr14", "--data-dir", str(path.parent), "--methods", "ew", "--epochs", "1",
+        "--task-opt", f"cache_dir={tmp_path / 'cache'}", "--results", str(tmp_path / "results"),
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    output = without_whitespace(captured.out + captured.err)
+    assert code == 2 and "Traceback" not in output
+    assert without_whitespace(f"error: {path}") in output and without_whitespace(problem) in output
+    assert without_whitespace(nih.DOWNLOAD_URL) in output
 
 
 def test_missing_data_folder_says_where_and_how_to_get_it(tmp_path: Path) -> None:
@@ -305,6 +388,80 @@ def test_parallel_build_equals_serial_and_sizes_get_their_own_cache(
     other_size = image_cache.ImageCache(tmp_path, root, names, 28)
     assert other_size.directory != serial.directory
     assert json.loads((other_size.directory / "meta.json").read_text())["size"] == 28
+
+
+def test_sixteen_bit_pngs_are_cached_as_their_eight_bit_version(tmp_path: Path) -> None:
+    gray = np.array(Image.open(SAMPLE / SAMPLE_IMAGES[0]))
+    wide = gray.astype(np.uint16) * 257  # the same picture in 16 bits
+    files = {"8-bit.png": Image.fromarray(gray), "I;16.png": Image.fromarray(wide)}
+    files["I;16B.tiff"] = Image.frombytes("I;16B", wide.shape[::-1], wide.astype(">u2").tobytes())
+    files["I.tiff"] = Image.fromarray(wide.astype(np.int32))
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    modes = [Image.open(tmp_path / name).mode for name in files]
+    assert modes[0] == "L" and modes[1] in ("I;16", "I") and modes[2:] == ["I;16B", "I"]  # "I": older Pillow
+    cache = image_cache.ImageCache(tmp_path / "cache", tmp_path, list(files), 64)
+    cache.build({name: tmp_path / name for name in files}, progress=False)
+    pixels = cache.images()[:, 0].astype(np.int16)
+    assert 100 < pixels[0].mean() < 160
+    assert np.abs(pixels[1:] - pixels[0]).max() <= 1
+
+
+def replace_keeping_mtime(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` and give it back its modification time."""
+    mtime_ns = path.stat().st_mtime_ns
+    path.write_bytes(content)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_changed_image_file_is_decoded_again_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = [(SAMPLE / name).read_bytes() for name in SAMPLE_IMAGES]
+    assert len(sources[0]) != len(sources[1])
+    paths = {name: tmp_path / name for name in ("a.png", "b.png", "c.png")}
+    for path in paths.values():
+        path.write_bytes(sources[0])
+    cache = image_cache.ImageCache(tmp_path / "cache", tmp_path, list(paths), 32)
+    assert cache.build(paths, progress=False).decoded == 3
+    original = np.array(cache.images()[0, 0])
+
+    replace_keeping_mtime(paths["b.png"], sources[1])  # another size, the same time
+    touched = paths["c.png"].stat().st_mtime_ns + 10**9
+    os.utime(paths["c.png"], ns=(touched, touched))  # the same size, another time
+    report = cache.build(paths, progress=False)
+    assert np.array_equal(cache.images()[1, 0], image_cache.decode_image(paths["b.png"], 32))
+    assert (report.reused, report.refreshed, report.decoded) == (1, 2, 2)
+    assert np.array_equal(cache.images()[2, 0], original) and np.array_equal(cache.images()[0, 0], original)
+    assert cache.build(paths, progress=False).reused == 3
+
+    def interrupted(path: str, size: int) -> np.ndarray:
+        raise KeyboardInterrupt
+
+    replace_keeping_mtime(paths["a.png"], sources[1])
+    monkeypatch.setattr(image_cache, "decode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(paths, progress=False)
+    assert cache.status()[0] == image_cache.PENDING  # not served with the old pixels
+    monkeypatch.undo()
+    report = cache.build(paths, progress=False)
+    assert (report.reused, report.decoded) == (2, 1)
+    assert np.array_equal(cache.images()[0, 0], cache.images()[1, 0])
+
+
+def test_the_suite_says_how_many_cached_images_changed(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    table = make_nih_folder(root, n=45, broken=False, layout="flat")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        create_suite(root, tmp_path / "cache", split="random")
+        assert not any("changed on disk" in str(w.message) for w in caught)
+        name = table["Image Index"].iloc[0]
+        replace_keeping_mtime(root / "images" / name, (SAMPLE / SAMPLE_IMAGES[1]).read_bytes())
+        suite = create_suite(root, tmp_path / "cache", split="random")
+    messages = [str(w.message) for w in caught if issubclass(w.category, cxr14.DataWarning)]
+    assert any(m.startswith("1 cached image(s) changed on disk") for m in messages)
+    split = next(s for s in tasks.SPLIT_NAMES if name in suite.item_ids(s))
+    x, _ = suite.splits()[split][suite.item_ids(split).index(name)]
+    assert np.array_equal(x[0].numpy(), image_cache.decode_image(root / "images" / name, 32))
 
 
 def test_cli_runs_cxr14_end_to_end_on_real_pixels(nih_folder: tuple[Path, pd.DataFrame], tmp_path: Path) -> None:

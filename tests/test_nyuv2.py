@@ -480,3 +480,20 @@ def test_every_method_runs_end_to_end_from_the_cli(tmp_path: Path, data_dir: Pat
         assert all(math.isfinite(value) for value in run["test"].values()), method
         assert 0.0 <= run["test"]["mean_accuracy"] <= 1.0
 
+
+
+def test_the_generated_set_lives_in_a_private_per_user_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    suite = tasks.create("nyuv2-synthetic", **TINY)
+    base = tmp_path / "cache" / "mtl-weighting-bench" / "nyuv2-synthetic"
+    assert suite.config()["data_dir"] == str(base) and suite.root.parent == base
+    assert base.stat().st_mode & 0o777 == 0o700 and suite.root.stat().st_mode & 0o777 == 0o700
+
+    suite.root.chmod(0o770)  # group-writable: someone else could have swapped its data
+    with pytest.raises(ValueError, match=re.escape(f"{suite.root} is not private to this user")):
+        tasks.create("nyuv2-synthetic", **TINY)
+    suite.root.chmod(0o700)
+    assert tasks.create("nyuv2-synthetic", **TINY).root == suite.root
+    monkeypatch.setattr(nyuv2_synthetic.os, "getuid", lambda: suite.root.stat().st_uid + 1)  # another user's
+    with pytest.raises(ValueError, match="not private to this user .*Delete it"):
+        tasks.create("nyuv2-synthetic", **TINY)

@@ -28,11 +28,16 @@ CONVENTIONS: dict[str, str] = {
 }
 
 
+class UndefinedImprovementError(ValueError):
+    """The baseline scores 0 on a metric, so a relative improvement over it is undefined."""
+
+
 def relative_improvement(means: pd.DataFrame, baseline: str, directions: Mapping[str, str]) -> pd.DataFrame:
     """``s_m (M_m - B_m) / B_m`` for every method (rows) and metric (columns of ``means``).
 
     ``means`` holds one row per method and one column per metric key; ``directions`` maps
-    each key to ``"maximize"`` or ``"minimize"``.
+    each key to ``"maximize"`` or ``"minimize"``. A baseline that scores 0 on a metric raises
+    :class:`UndefinedImprovementError`.
     """
     if baseline not in means.index:
         raise ValueError(f"baseline {baseline!r} is not among the methods {list(means.index)}")
@@ -43,7 +48,9 @@ def relative_improvement(means: pd.DataFrame, baseline: str, directions: Mapping
     base = means.loc[baseline]
     if (base == 0).any():
         zero = list(base.index[base == 0])
-        raise ValueError(f"the baseline {baseline!r} scores 0 on {zero}: a relative improvement is undefined")
+        raise UndefinedImprovementError(
+            f"the baseline {baseline!r} scores 0 on {zero}: a relative improvement is undefined"
+        )
     return (means - base) / base * sign
 
 

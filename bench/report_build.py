@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bench import report_plots
-from bench.delta_m import CONVENTIONS, delta_m
+from bench.delta_m import CONVENTIONS, UndefinedImprovementError, delta_m
 from bench.display import count_range, mean_std, number
 from bench.report_render import Figure, Heading, Paragraph, Part, Table, to_html, to_markdown, write_latex_tables
 from bench.results_io import MetricInfo, Results, load_histories, load_test_predictions, metric_info
@@ -250,7 +250,11 @@ class _Builder:
         return pairs
 
     def delta_m(self) -> pd.DataFrame:
-        """Delta_m% of every method against each baseline present (EW, single-task), both conventions."""
+        """Delta_m% of every method against each baseline present (EW, single-task), both conventions.
+
+        A baseline that scores 0 on one of the metrics (an AUROC of 0 on a tiny test split, say)
+        is left out with a warning: a relative improvement over 0 is undefined.
+        """
         means = self.summary["mean"].unstack("method").T  # methods x (dataset, metric)
         means = means.reindex(index=self.methods)
         task_metrics = {
@@ -263,8 +267,11 @@ class _Builder:
         for baseline in (EQUAL_WEIGHTING, SINGLE_TASK_METHOD):
             if baseline not in self.methods:
                 continue
-            for convention in CONVENTIONS:
-                columns[(baseline, convention)] = delta_m(means, baseline, directions, task_metrics, convention)
+            try:
+                for convention in CONVENTIONS:
+                    columns[(baseline, convention)] = delta_m(means, baseline, directions, task_metrics, convention)
+            except UndefinedImprovementError as error:
+                self.warnings.append(f"Delta_m% vs {baseline} is left out: {error}")
         return pd.DataFrame(columns)
 
     # ----- tables -----------------------------------------------------------------------

@@ -303,3 +303,22 @@ def test_cost_spread_only_from_two_seeds(tmp_path: Path) -> None:
     assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| ew | 2 | 10.5 ± 0.7 | 1.00 | 6 |" in markdown and "| uw | 1 | 10.0 | 0.95 | 6 |" in markdown
+
+
+def test_a_baseline_scoring_zero_leaves_delta_m_out_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An AUROC of 0 (possible on a tiny test split) makes a relative improvement over EW undefined:
+    the report is still written, without the Delta_m% column against EW, and says why."""
+    rows = [
+        (m, "suite", s, f"auroc/{t}", 0.0 if (m, t) == ("ew", "T1") else 0.5 + 0.1 * i + 0.05 * j + 0.01 * int(s))
+        for i, m in enumerate(("ew", "uw", "mgda"))
+        for s in "01"
+        for j, t in enumerate(("T1", "T2", "T3"))
+    ]
+    csv = write_csv(tmp_path / "zero.csv", rows)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    assert "Delta_m% vs ew is left out: the baseline 'ew' scores 0 on" in printed_text(capsys)
+    summary = json.loads((tmp_path / "out" / "stats.json").read_text())["tables"]["summary"]
+    assert not any(key.startswith("delta_m_vs_ew") for key in summary[0])
+    assert "Δm% vs ew" not in (tmp_path / "out" / "report.md").read_text()

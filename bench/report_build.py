@@ -470,7 +470,7 @@ class _Builder:
         )
         if histories.empty:
             return
-        histories = histories.assign(epoch=histories["step"] + 1)
+        histories = histories.assign(epoch=histories["step"])  # MLflow steps are the epochs, from 1
         for dataset, rows in histories.groupby("dataset", sort=False):
             suffix = f"-{_slug(str(dataset))}" if len(self.datasets) > 1 else ""
             weights = rows[rows["key"].str.startswith("train/weight/")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -102,13 +103,15 @@ def list_command(console: Console) -> None:
 
 LOG_WIDTH = 10_000
 """Console width when standard output is not a terminal: wide enough that no table is cut."""
+TRAINING_COMMANDS = ("run", "tune", "worker")
+"""The commands that train, and so handle SIGTERM like Ctrl-C."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command ``argv`` (default: the process's arguments); return its exit code.
 
-    SIGTERM is handled like Ctrl-C (:mod:`bench.signals`): runs end KILLED and resumable, and
-    the exit code is 143 (130 for Ctrl-C).
+    In the commands that train, SIGTERM is handled like Ctrl-C (:mod:`bench.signals`): runs
+    end KILLED and resumable, and the exit code is 143 (130 for Ctrl-C).
     """
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark harness for multi-task weighting methods.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,11 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # In a log file, names and tables are printed whole: nothing is cut at a terminal's width.
     console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt() if args.command in TRAINING_COMMANDS else nullcontext():
         return _command(args, console, argv)
 
 
 def _command(args: argparse.Namespace, console: Console, argv: Sequence[str] | None) -> int:
+    """Run the parsed command ``args.command``; return its exit code."""
     if args.command == "list":
         list_command(console)
         return 0

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 import methods
 import tasks
 from bench.cli import main
+from bench.progress import Sweep
 from bench.tracking import experiment_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,6 +249,14 @@ def test_progress_in_a_log_is_one_line_per_epoch_and_runs_done_earlier_count_as_
     progress = [match.groups() for line in lines if (match := PROGRESS_LINE.fullmatch(line))]
     assert progress == [("2", "2", "1", "1"), ("2", "2", "1", "2")]  # seed 0 was run 1, reused
     assert any(line.startswith("ew seed 0: done earlier") for line in lines)
+
+
+def test_sweep_time_left_counts_the_runs_not_started_shared_among_those_running() -> None:
+    # Run 2 of 6, 3 of its 10 epochs left, 2 s per epoch: its 3 epochs, then 4 runs of 10.
+    assert Sweep(6, position=2).seconds_left(3, 10, 2.0) == 2.0 * (3 + 4 * 10)
+    # A shared grid: 3 cells started of 6, 2 of them training at once.
+    assert Sweep(6, position=3, parallel=2).seconds_left(3, 10, 2.0) == 2.0 * (3 + 3 * 10 / 2)
+    assert Sweep(6, position=6).seconds_left(0, 10, 2.0) == 0.0
 
 
 def _free_port() -> int:

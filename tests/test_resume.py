@@ -23,8 +23,9 @@ import methods
 from bench.cli import main
 from bench.resume import CHECKPOINT_FORMAT, CheckpointError, EpochCheckpoint, FitProgress, capture_rng, run_key
 from bench.signals import SIGTERM_EXIT_CODE
+from bench.spec import OPTIMIZERS, SCHEDULERS, resolve_spec
 from bench.tracking import experiment_name
-from bench.train import RUN_KEY_TAG
+from bench.train import RUN_KEY_TAG, make_optimizer, make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "cxr14-synthetic"
@@ -243,6 +244,29 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     assert checkpoint.load("run")["progress"]["epochs_done"] == 1  # the previous checkpoint, intact
     assert [p.name for p in checkpoint.path.parent.iterdir()] == ["key.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_optimizer_and_schedule_round_trips_through_a_weights_only_checkpoint(
+    tmp_path: Path, optimizer: str, scheduler: str
+) -> None:
+    spec = resolve_spec({}, {"task": TASK, "methods": "ew", "optimizer": optimizer, "scheduler": scheduler,
+                             "results": str(tmp_path)})
+    model = torch.nn.Linear(3, 2)
+    modules = {"model": model, "optimizer": make_optimizer(spec, model.parameters())}
+    modules["scheduler"] = make_scheduler(spec, modules["optimizer"])
+    model(torch.ones(4, 3)).sum().backward()
+    modules["optimizer"].step()
+    if modules["scheduler"] is not None:
+        modules["scheduler"].step()
+    checkpoint = EpochCheckpoint(tmp_path, "key")
+    checkpoint.save("run", FitProgress(epochs_done=1), modules, capture_rng(torch.Generator()))
+    saved = checkpoint.load("run")
+    for name, module in modules.items():
+        assert (saved["states"][name] is None) == (module is None)
+        if module is not None:
+            torch.testing.assert_close(saved["states"][name], module.state_dict(), rtol=0, atol=0)
 
 
 def test_checkpoint_restores_pcgrads_random_task_order_and_global_random_states(tmp_path: Path) -> None:

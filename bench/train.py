@@ -227,21 +227,7 @@ def train_run(
         checkpoint.remove()
         tqdm.write(f"{method_name} seed {seed}: done earlier in MLflow run {earlier.info.run_id}; not trained again")
         return result_from_run(earlier, method_name, seed, suite.primary_metric)
-    saved, logged_epochs = None, set()
-    if earlier is not None:
-        logged_epochs = tracker.logged_steps(earlier.info.run_id, "time/step_ms")
-        try:
-            saved = checkpoint.load(earlier.info.run_id)
-        except CheckpointError as error:
-            tqdm.write(f"{method_name} seed {seed}: ignoring the epoch checkpoint: {error}; training from epoch 1")
-        if 0 in logged_epochs:  # logged when epochs were counted from 0: not to be mixed with epochs from 1
-            reason = (
-                f"its epochs are numbered from 0 (logged before checkpoint format {CHECKPOINT_FORMAT}); "
-                "trained again in a new MLflow run"
-            )
-            tracker.end_other_run(earlier.info.run_id, "KILLED", reason)
-            tqdm.write(f"{method_name} seed {seed}: MLflow run {earlier.info.run_id} {reason}")
-            earlier, saved, logged_epochs = None, None, set()
+    earlier, saved, logged_epochs = _continuation(tracker, checkpoint, earlier, f"{method_name} seed {seed}")
 
     params = {
         **{k: v for k, v in spec.to_dict().items() if k not in ("methods", "seeds", "hparams", "task_options")},
@@ -304,6 +290,36 @@ def train_run(
     tracker.end_run("FINISHED")
     checkpoint.remove()
     return result
+
+
+def _continuation(
+    tracker: Tracker, checkpoint: EpochCheckpoint, earlier: Any, label: str
+) -> tuple[Any, dict[str, Any] | None, set[int]]:
+    """How an unfinished MLflow run ``earlier`` (or ``None``) goes on: the run to continue,
+    its epoch checkpoint's state, and the epochs it has logged.
+
+    A checkpoint that cannot be used is reported in one line (the run then trains from epoch
+    1). A run logged when epochs were counted from 0 is ended KILLED, saying why, and not
+    continued: its history and a new one counted from 1 would mix.
+    """
+    if earlier is None:
+        return None, None, set()
+    run_id = earlier.info.run_id
+    logged_epochs = tracker.logged_steps(run_id, "time/step_ms")
+    saved = None
+    try:
+        saved = checkpoint.load(run_id)
+    except CheckpointError as error:
+        tqdm.write(f"{label}: ignoring the epoch checkpoint: {error}; training from epoch 1")
+    if 0 in logged_epochs:
+        reason = (
+            f"its epochs are numbered from 0 (logged before checkpoint format {CHECKPOINT_FORMAT}); "
+            "trained again in a new MLflow run"
+        )
+        tracker.end_other_run(run_id, "KILLED", reason)
+        tqdm.write(f"{label}: MLflow run {run_id}: {reason}")
+        return None, None, set()
+    return earlier, saved, logged_epochs
 
 
 def _resumable(

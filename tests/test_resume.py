@@ -186,7 +186,7 @@ def test_a_run_logged_with_epochs_from_0_is_ended_and_trained_again_in_a_new_mlf
     capsys.readouterr()
 
     assert main(argv) == 0
-    assert f"MLflow run {legacy.info.run_id} its epochs are numbered from 0" in capsys.readouterr().out
+    assert f"MLflow run {legacy.info.run_id}: its epochs are numbered from 0" in capsys.readouterr().out
     assert_same_outcome(summary_row(results), uninterrupted)
     client, runs = mlflow_runs(results)
     (new,) = [r for r in runs if r.info.run_id != legacy.info.run_id]

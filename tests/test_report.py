@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from scipy import stats as scipy_stats
 
-from bench import report_plots
+from bench import report_build, report_plots
 from bench.cli import main
 from bench.results_io import LONG_COLUMNS
 from bench.tracking import experiment_name
@@ -138,6 +138,17 @@ def test_plotted_epochs_are_mlflow_steps_counted_from_1_and_agree_with_best_epoc
     monkeypatch.setattr(report_plots, "validation_curves", recording)
     assert main(["report", "--results", str(demo["results"]), "--bootstrap", "10", "--out", str(tmp_path)]) == 0
     (curves,) = plotted
+
+    # A run logged before epochs were counted from 1 (its steps from 0) is plotted from 1 too.
+    def uw_logged_from_0(*args: object) -> pd.DataFrame:
+        histories = load_histories(*args)
+        return histories.assign(step=histories["step"] - (histories["method"] == "uw").astype(int))
+
+    load_histories = report_build.load_histories
+    monkeypatch.setattr(report_build, "load_histories", uw_logged_from_0)
+    assert main(["report", "--results", str(demo["results"]), "--bootstrap", "10", "--out", str(tmp_path / "old")]) == 0
+    plotted_again = plotted[1].drop(columns="step").reset_index(drop=True)
+    pd.testing.assert_frame_equal(plotted_again, curves.drop(columns="step").reset_index(drop=True))
     client = MlflowClient(tracking_uri=f"sqlite:///{demo['results'] / 'mlflow.db'}")
     for run in store_runs(demo["results"]):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mean_auroc")]

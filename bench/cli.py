@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -15,6 +16,7 @@ import tasks
 from bench.profile import add_profile_parser, profile_command
 from bench.step import GRAD_LEVELS
 from bench.report import add_report_parser, report_command
+from bench.signals import interruption_exit_code, interruption_reason, sigterm_as_interrupt
 from bench.spec import OPTIMIZERS, RUN_DEFAULTS, SCHEDULERS, hparams_from_flags, load_config_file, option_value, parse_assignments, resolve_spec
 from bench.sweep_cli import StorageOptions, add_run_sweep_options, add_tune_parser, add_worker_parser
 
@@ -99,7 +101,18 @@ def list_command(console: Console) -> None:
     console.print(suites)
 
 
+LOG_WIDTH = 10_000
+"""Console width when standard output is not a terminal: wide enough that no table is cut."""
+TRAINING_COMMANDS = ("run", "tune", "worker")
+"""The commands that train, and so handle SIGTERM like Ctrl-C."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` (default: the process's arguments); return its exit code.
+
+    In the commands that train, SIGTERM is handled like Ctrl-C (:mod:`bench.signals`): runs
+    end KILLED and resumable, and the exit code is 143 (130 for Ctrl-C).
+    """
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark harness for multi-task weighting methods.")
     commands = parser.add_subparsers(dest="command", required=True)
     _run_parser(commands)
@@ -109,7 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_run_options(add_tune_parser(commands))
     add_worker_parser(commands)
     args = parser.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    # In a log file, names and tables are printed whole: nothing is cut at a terminal's width.
+    console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
+    with sigterm_as_interrupt() if args.command in TRAINING_COMMANDS else nullcontext():
+        return _command(args, console, argv)
+
+
+def _command(args: argparse.Namespace, console: Console, argv: Sequence[str] | None) -> int:
+    """Run the parsed command ``args.command``; return its exit code."""
     if args.command == "list":
         list_command(console)
         return 0
@@ -135,9 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         results = run_sweep(spec, console, options)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: the current run is marked KILLED; the store is readable[/]")
-        return 130
+    except KeyboardInterrupt as interrupt:
+        console.print(
+            f"[yellow]{interruption_reason(interrupt)}: the current run is marked KILLED and resumes when the "
+            "same command is run again; the store is readable[/]"
+        )
+        return interruption_exit_code(interrupt)
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2

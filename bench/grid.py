@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import tasks
 from bench.jobs import run_claimed
+from bench.progress import Sweep
 from bench.spec import RunSpec
 from bench.studies import (
     CONFIG_ATTR,
@@ -81,12 +82,13 @@ def run_grid_cell(shared: SharedStudy, claim: Claim, context: WorkerContext) -> 
     spec = context.spec(shared)
     tuned = {m: TunedSetting(**s) for m, s in shared.attrs.get(TUNED_ATTR, {}).items()}
     context.console.print(f"{shared.name}: {method} seed {seed}")
+    sweep = grid_sweep(shared)
 
     def train() -> RunResult:
         with Tracker(spec.tracking_uri, spec.task, spec.results) as tracker:
             result = train_run(
                 cell_spec(spec, method, tuned), context.suite(spec), method, seed, tracker,
-                tags=tuned_tags(tuned, method),
+                tags=tuned_tags(tuned, method), sweep=sweep,
             )
         shared.storage.set_trial_user_attr(claim.trial_id, RESULT_ATTR, dataclasses.asdict(result))
         return result
@@ -105,11 +107,26 @@ def tuned_tags(tuned: Mapping[str, TunedSetting], method: str) -> dict[str, str]
     return {} if setting is None else {TUNED_FROM_TAG: f"{setting.study} trial {setting.trial}"}
 
 
-def grid_results(shared: SharedStudy, spec: RunSpec) -> list[RunResult]:
-    """One result per cell, in the spec's order: the latest trial's kept result, else why not."""
+def _latest_trials(shared: SharedStudy) -> dict[tuple[str, int], FrozenTrial]:
+    """The latest trial of each (method, seed) cell (a retry replaces the trial it retries)."""
     latest: dict[tuple[str, int], FrozenTrial] = {}
     for trial in shared.study.get_trials(deepcopy=False):
         latest[(trial.user_attrs["method"], trial.user_attrs["seed"])] = trial
+    return latest
+
+
+def grid_sweep(shared: SharedStudy) -> Sweep:
+    """The grid as a :class:`~bench.progress.Sweep` for a cell just claimed: every cell not
+    waiting has started (this one included); the running ones train at once."""
+    states = [trial.state for trial in _latest_trials(shared).values()]
+    running = sum(state == TrialState.RUNNING for state in states)
+    waiting = sum(state == TrialState.WAITING for state in states)
+    return Sweep(len(states), position=len(states) - waiting, parallel=max(running, 1))
+
+
+def grid_results(shared: SharedStudy, spec: RunSpec) -> list[RunResult]:
+    """One result per cell, in the spec's order: the latest trial's kept result, else why not."""
+    latest = _latest_trials(shared)
     results = []
     for method in spec.methods:
         for seed in spec.seeds:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from optuna.trial import TrialState
 from rich.console import Console
 
+from bench.signals import interruption_reason
 from bench.studies import Claim, SharedStudy, finish_trial
 from bench.train import RunResult, StopTraining
 
@@ -32,8 +33,8 @@ def run_claimed(
 
     A finished run: COMPLETE, its value the run's best validation value. A run stopped early
     (:class:`~bench.train.StopTraining`, e.g. pruned): PRUNED. A run that diverged or raised:
-    FAIL with the reason, and the next trial goes on. Ctrl-C: FAIL, the trial queued again to
-    continue later, and the interrupt propagates.
+    FAIL with the reason, and the next trial goes on. Ctrl-C or SIGTERM: FAIL, the trial queued
+    again to continue later, and the interrupt propagates.
     """
     name = f"{shared.name} trial {claim.frozen.number}"
     started = time.perf_counter()
@@ -46,8 +47,8 @@ def run_claimed(
     except StopTraining as stop:
         finish_trial(shared, claim, state=TrialState.PRUNED)
         return ended(TrialState.PRUNED, None, str(stop))
-    except KeyboardInterrupt:
-        finish_trial(shared, claim, state=TrialState.FAIL, failure="interrupted (Ctrl-C)", retry=True)
+    except KeyboardInterrupt as interrupt:
+        finish_trial(shared, claim, state=TrialState.FAIL, failure=interruption_reason(interrupt), retry=True)
         raise
     except Exception as error:
         console.print(f"[red]{name} failed:[/]\n{traceback.format_exc()}")

@@ -496,7 +496,9 @@ class _Builder:
         )
         if histories.empty:
             return
-        histories = histories.assign(epoch=histories["step"] + 1)
+        # MLflow steps are the epochs, counted from 1; runs logged before that counted from 0.
+        counted_from_0 = histories.groupby(["dataset", "method", "seed"])["step"].transform("min").eq(0)
+        histories = histories.assign(epoch=histories["step"] + counted_from_0.astype(int))
         for dataset, rows in histories.groupby("dataset", sort=False):
             suffix = f"-{_slug(str(dataset))}" if len(self.datasets) > 1 else ""
             weights = rows[rows["key"].str.startswith("train/weight/")]

@@ -16,6 +16,12 @@ progress so far (best validation value and state, accumulated timing). It is wri
 temporary file in the same directory and moved into place with ``os.replace``, which is
 atomic on POSIX and Windows: a crash while writing leaves the previous checkpoint intact.
 Resuming on a CPU therefore reproduces an uninterrupted run exactly.
+
+The checkpoint holds only tensors, numbers, strings, ``None`` and lists, tuples and dicts of
+them (the random states of Python and NumPy are converted to lists), and it is read with
+``torch.load(..., weights_only=True)``, which rebuilds nothing else: a crafted file in the
+results folder cannot run code when the command is run again. A checkpoint that does not
+load that way, or that belongs to another run or format, raises :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -34,8 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_FORMAT = 1
-"""Version of the checkpoint layout; a checkpoint of another version is refused."""
+CHECKPOINT_FORMAT = 2
+"""Version of the checkpoint layout; a checkpoint of another version is refused.
+
+Format 2: read with ``weights_only=True`` (random states as lists), epochs numbered from 1.
+"""
+
+
+class CheckpointError(Exception):
+    """An epoch checkpoint that cannot be used: unreadable, unsafe, or not this run's."""
 
 
 def run_key(config: Mapping[str, Any], identity: Mapping[str, Any] | None = None) -> str:
@@ -76,10 +89,13 @@ class FitProgress:
 
 
 def capture_rng(loader_generator: torch.Generator) -> dict[str, Any]:
-    """The random states of Python, NumPy, torch (CPU and every CUDA device) and the loader."""
+    """The random states of Python, NumPy, torch (CPU and every CUDA device) and the loader,
+    as tensors, numbers, strings and lists (what ``torch.load(..., weights_only=True)`` reads)."""
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss_next],
+        "numpy": [algorithm, keys.tolist(), position, has_gauss, cached_gaussian],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "loader": loader_generator.get_state(),
@@ -88,8 +104,10 @@ def capture_rng(loader_generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng(state: Mapping[str, Any], loader_generator: torch.Generator) -> None:
     """Set every random state captured by :func:`capture_rng`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    algorithm, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((algorithm, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -135,21 +153,31 @@ class EpochCheckpoint:
             Path(temporary).unlink(missing_ok=True)
             raise
 
-    def load(self) -> dict[str, Any] | None:
-        """The saved state, or ``None`` when there is none; an unreadable file is an error."""
+    def load(self, run_id: str) -> dict[str, Any] | None:
+        """The state saved by MLflow run ``run_id``, or ``None`` when there is no checkpoint.
+
+        The file is read with ``weights_only=True``. A file that does not load so (corrupt,
+        written in format 1, or holding other objects, e.g. a crafted pickle), or that is not
+        in :data:`CHECKPOINT_FORMAT`, or not of this run key and MLflow run, raises
+        :class:`CheckpointError` saying which file and why.
+        """
         if not self.path.is_file():
             return None
         try:
-            # A file this harness wrote itself: it holds random states (tuples, NumPy arrays).
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise RuntimeError(
-                f"cannot read the epoch checkpoint {self.path}: {error}. Delete it to train this run from the start"
+            raise CheckpointError(
+                f"{self.path} does not load as a weights-only checkpoint of format {CHECKPOINT_FORMAT}: "
+                f"{_why_not_loaded(error)}"
             ) from error
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
-            raise RuntimeError(
-                f"{self.path} is not a checkpoint of run {self.key} in format {CHECKPOINT_FORMAT}; "
-                "delete it to train this run from the start"
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path} holds a {type(state).__name__}, not a checkpoint")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.path} is in checkpoint format {state.get('format')}, not {CHECKPOINT_FORMAT}")
+        if state.get("key") != self.key or state.get("run_id") != run_id:
+            raise CheckpointError(
+                f"{self.path} belongs to run {state.get('key')} in MLflow run {state.get('run_id')}, "
+                f"not to run {self.key} in MLflow run {run_id}"
             )
         return state
 
@@ -170,3 +198,12 @@ class EpochCheckpoint:
     def remove(self) -> None:
         """Delete the checkpoint (once its run is over)."""
         self.path.unlink(missing_ok=True)
+
+
+def _why_not_loaded(error: Exception) -> str:
+    """The gist of ``torch.load``'s error, on one line, without its advice to load the file
+    unsafely or to allow what it refused."""
+    text = str(error)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, flags=re.DOTALL)
+    gist = unpickler.group(1).split(". Please")[0] if unpickler else text.strip().split("\n")[0]
+    return " ".join(gist.split()) or type(error).__name__

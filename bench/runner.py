@@ -25,6 +25,8 @@ from rich.table import Table
 import tasks
 from bench.display import count_range, mean_std, number
 from bench.grid import cell_spec, grid_results, prepare_grid, tuned_tags
+from bench.progress import Sweep
+from bench.signals import interruption_reason
 from bench.spec import RunSpec
 from bench.studies import (
     DEFAULT_HEARTBEAT_SECONDS,
@@ -43,7 +45,7 @@ def run_sweep(spec: RunSpec, console: Console, options: StorageOptions | None = 
     """Train every method of ``spec`` with every seed; always write the summary.
 
     A run that fails (non-finite loss, or an error) is recorded as FAILED and the sweep goes
-    on; Ctrl-C stops the sweep after recording the interrupted run as KILLED. With
+    on; Ctrl-C or SIGTERM stops the sweep after recording the interrupted run as KILLED. With
     ``options.shared`` the grid is shared through the Optuna storage by this process, the
     ``options.workers - 1`` worker processes it starts and any that join; with
     ``options.tuned`` each method trains with the settings of its best tuning trial there.
@@ -99,15 +101,17 @@ def _run_cells(
 ) -> list[RunResult]:
     _print_header(spec, suite, console)
     results: list[RunResult] = []
+    sweep = Sweep.with_bar(len(spec.methods) * len(spec.seeds))
     try:
         for method in spec.methods:
             for seed in spec.seeds:
                 try:
                     result = train_run(
-                        cell_spec(spec, method, tuned), suite, method, seed, tracker, tags=tuned_tags(tuned, method)
-                    )
-                except KeyboardInterrupt:
-                    results.append(RunResult(method, seed, "KILLED", reason="interrupted (Ctrl-C)"))
+                        cell_spec(spec, method, tuned), suite, method, seed, tracker,
+                        tags=tuned_tags(tuned, method), sweep=sweep,
+                    )  # fmt: skip
+                except KeyboardInterrupt as interrupt:
+                    results.append(RunResult(method, seed, "KILLED", reason=interruption_reason(interrupt)))
                     raise
                 except Exception as error:  # recorded FAILED in MLflow by train_run
                     console.print(f"[red]{method} seed {seed} failed:[/]\n{traceback.format_exc()}")
@@ -117,7 +121,9 @@ def _run_cells(
                 if result.status == "FAILED":
                     console.print(f"[yellow]{method} seed {seed}: FAILED: {result.reason}[/]")
                 results.append(result)
+                sweep.run_over()
     finally:
+        sweep.close()
         _print_summary(spec, suite, results, tuned, console)
     return results
 

@@ -167,11 +167,9 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         mlflow.set_tags(dict(tags))
 
-    def logged_steps(self, metric: str) -> set[int]:
-        """The steps at which the active run has a value of ``metric``."""
-        run = mlflow.active_run()
-        assert run is not None, "no active run"
-        return {m.step for m in MlflowClient(self.tracking_uri).get_metric_history(run.info.run_id, metric)}
+    def logged_steps(self, run_id: str, metric: str) -> set[int]:
+        """The steps at which run ``run_id`` has a value of ``metric``."""
+        return {m.step for m in MlflowClient(self.tracking_uri).get_metric_history(run_id, metric)}
 
     def log_data_identity(self, identity: Mapping[str, Any]) -> None:
         """Each split as an MLflow input: name, size and the sha256 of its item ids."""
@@ -196,3 +194,9 @@ class Tracker:
         if reason:
             mlflow.set_tag("failure_reason", reason[:5000])
         mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))
+
+    def end_other_run(self, run_id: str, status: str, reason: str) -> None:
+        """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason as a tag."""
+        client = MlflowClient(self.tracking_uri)
+        client.set_tag(run_id, "failure_reason", reason[:5000])
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))

@@ -4,6 +4,9 @@ Every method gets the same model, data order, optimizer and schedule for a given
 epoch: train, report the epoch's per-task loss and accuracy to the method, evaluate on the
 validation split, keep the best-validation state (the suite's primary metric). At the end the
 best state is evaluated once on the test split; the test split never selects anything.
+
+Epochs are numbered from 1 (epoch 1 is the first) everywhere: MLflow metric steps,
+``summary/best_epoch``, :attr:`RunResult.best_epoch`, progress output and ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import methods
-from bench.resume import EpochCheckpoint, FitProgress, capture_rng, restore_rng, run_key
+from bench.progress import RunProgress, Sweep
+from bench.resume import CHECKPOINT_FORMAT, CheckpointError, EpochCheckpoint, FitProgress, capture_rng, restore_rng, run_key
+from bench.signals import interruption_reason
 from bench.spec import RunSpec
 from bench.step import seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
@@ -58,6 +63,7 @@ class RunResult:
     run_id: str | None = None
     reason: str | None = None
     best_epoch: int | None = None
+    """The epoch of the best validation value, counted from 1."""
     best_val: float | None = None
     test: dict[str, float] = field(default_factory=dict)
     ms_per_step: dict[str, float] = field(default_factory=dict)
@@ -185,20 +191,25 @@ def train_run(
     tags: Mapping[str, str] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     evaluate_test: bool = True,
+    sweep: Sweep | None = None,
 ) -> RunResult:
     """Train ``method_name`` with ``seed`` on ``suite``; log everything; return the result.
 
-    A non-finite loss ends the run as FAILED (the reason logged) and returns; Ctrl-C ends it
-    as KILLED and re-raises; any other error ends it as FAILED and re-raises.
+    A non-finite loss ends the run as FAILED (the reason logged) and returns; Ctrl-C or
+    SIGTERM (:mod:`bench.signals`) ends it as KILLED and re-raises; any other error ends it
+    as FAILED and re-raises.
 
     Runs are crash-safe (:mod:`bench.resume`): if this MLflow experiment holds a run with the
     same key (configuration and ``identity``) that finished or diverged, its result is
     returned without training; an unfinished one continues from its last epoch checkpoint in
-    the same MLflow run. ``run_name`` and ``tags`` label the MLflow run. ``on_epoch(epoch,
-    value)`` is called after each epoch (on resume also for the epochs done before) with the
-    validation value of the primary metric; it may raise :class:`StopTraining`. With
-    ``evaluate_test=False`` the test split is never used: no test metrics, no test predictions
-    (a tuning trial).
+    the same MLflow run. A checkpoint that cannot be used is reported in one line and the run
+    trains from its first epoch, in the same MLflow run; epochs that run has logged already
+    are not logged again. ``run_name`` and ``tags`` label the MLflow run. ``on_epoch(epoch,
+    value)`` is called after each epoch (counted from 1; on resume also for the epochs done
+    before) with the validation value of the primary metric; it may raise
+    :class:`StopTraining`. With ``evaluate_test=False`` the test split is never used: no test
+    metrics, no test predictions (a tuning trial). ``sweep`` places the run in its sweep for
+    the progress output (:mod:`bench.progress`).
     """
     seed_everything(seed)
     device = torch.device(spec.device)
@@ -220,11 +231,7 @@ def train_run(
         checkpoint.remove()
         tqdm.write(f"{method_name} seed {seed}: done earlier in MLflow run {earlier.info.run_id}; not trained again")
         return result_from_run(earlier, method_name, seed, suite.primary_metric)
-    saved = None
-    if earlier is not None:
-        saved = checkpoint.load()
-        if saved is not None and saved["run_id"] != earlier.info.run_id:
-            saved = None  # left by a run that MLflow no longer holds
+    earlier, saved, logged_epochs = _continuation(tracker, checkpoint, earlier, f"{method_name} seed {seed}")
 
     params = {
         **{k: v for k, v in spec.to_dict().items() if k not in ("methods", "seeds", "hparams", "task_options")},
@@ -252,14 +259,17 @@ def train_run(
             modules = _resumable(model, method, optimizer, scheduler)
             progress = checkpoint.restore(saved, modules, loaders["train"].generator)
             tqdm.write(f"{method_name} seed {seed}: resuming after epoch {progress.epochs_done} of {spec.epochs}")
-            last_epoch = progress.epochs_done - 1
-            if last_epoch not in tracker.logged_steps("time/step_ms"):
-                tracker.log_metrics(progress.last_epoch_metrics, step=last_epoch)
-            for epoch, value in enumerate(progress.primary_values):
+            if progress.epochs_done not in logged_epochs:
+                tracker.log_metrics(progress.last_epoch_metrics, step=progress.epochs_done)
+            for epoch, value in enumerate(progress.primary_values, start=1):
                 if on_epoch is not None:
                     on_epoch(epoch, value)
-        _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result,
-             progress, checkpoint, on_epoch)
+        run_progress = RunProgress(method_name, seed, suite.primary_metric, spec.epochs, progress.epochs_done, sweep)
+        try:
+            _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result,
+                 progress, checkpoint, logged_epochs, run_progress, on_epoch)
+        finally:
+            run_progress.close()
         if evaluate_test:
             _test(spec, suite, model, loaders["test"], device, tracker, result)
     except methods.NonFiniteLossError as error:
@@ -273,8 +283,8 @@ def train_run(
         tracker.end_run("KILLED", result.reason)
         checkpoint.remove()
         raise
-    except KeyboardInterrupt:
-        result.status, result.reason = "KILLED", "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as interrupt:
+        result.status, result.reason = "KILLED", interruption_reason(interrupt)
         tracker.end_run("KILLED", result.reason)
         raise
     except BaseException as error:
@@ -285,6 +295,36 @@ def train_run(
     tracker.end_run("FINISHED")
     checkpoint.remove()
     return result
+
+
+def _continuation(
+    tracker: Tracker, checkpoint: EpochCheckpoint, earlier: Any, label: str
+) -> tuple[Any, dict[str, Any] | None, set[int]]:
+    """How an unfinished MLflow run ``earlier`` (or ``None``) goes on: the run to continue,
+    its epoch checkpoint's state, and the epochs it has logged.
+
+    A checkpoint that cannot be used is reported in one line (the run then trains from epoch
+    1). A run logged when epochs were counted from 0 is ended KILLED, saying why, and not
+    continued: its history and a new one counted from 1 would mix.
+    """
+    if earlier is None:
+        return None, None, set()
+    run_id = earlier.info.run_id
+    logged_epochs = tracker.logged_steps(run_id, "time/step_ms")
+    saved = None
+    try:
+        saved = checkpoint.load(run_id)
+    except CheckpointError as error:
+        tqdm.write(f"{label}: ignoring the epoch checkpoint: {error}; training from epoch 1")
+    if 0 in logged_epochs:
+        reason = (
+            f"its epochs are numbered from 0 (logged before checkpoint format {CHECKPOINT_FORMAT}); "
+            "trained again in a new MLflow run"
+        )
+        tracker.end_other_run(run_id, "KILLED", reason)
+        tqdm.write(f"{label}: MLflow run {run_id}: {reason}")
+        return None, None, set()
+    return earlier, saved, logged_epochs
 
 
 def _resumable(
@@ -354,10 +394,13 @@ def _fit(
     result: RunResult,
     progress: FitProgress,
     checkpoint: EpochCheckpoint,
+    logged_epochs: set[int],
+    run_progress: RunProgress,
     on_epoch: Callable[[int, float], None] | None,
 ) -> None:
     """Train the epochs after ``progress.epochs_done``; after each, write the epoch checkpoint,
-    then log the epoch, then call ``on_epoch``."""
+    then log the epoch (unless it is among ``logged_epochs``), then report it to
+    ``run_progress`` and ``on_epoch``."""
     device = torch.device(spec.device)
     timer = PhaseTimer(device)
     # The NaN check reads the losses on the host: free on a CPU, a synchronisation per step on
@@ -374,21 +417,13 @@ def _fit(
     peak, peak_increase = progress.peak_memory_mb, progress.peak_memory_increase_mb
     started = time.perf_counter() - progress.train_seconds
     loader_generator = loaders["train"].generator
-    epochs = tqdm(
-        range(progress.epochs_done, spec.epochs),
-        initial=progress.epochs_done,
-        total=spec.epochs,
-        desc=f"{result.method} seed {result.seed}",
-        unit="epoch",
-        disable=None,
-    )
-    for epoch in epochs:
+    for epoch in range(progress.epochs_done + 1, spec.epochs + 1):
         loss_sum = torch.zeros(suite.n_tasks, device=device)
         weight_sum = torch.zeros(suite.n_tasks, device=device)
         correct = torch.zeros(suite.n_tasks, device=device)
         seen = 0
         steps = 0
-        batches = iter(tqdm(loaders["train"], desc=f"epoch {epoch + 1}", leave=False, unit="step", disable=None))
+        batches = run_progress.steps(loaders["train"], epoch)
         while True:
             with timer("data"):
                 batch = next(batches, None)
@@ -440,7 +475,7 @@ def _fit(
         peak = max(peak, timing.peak_memory_mb)
         peak_increase = max(peak_increase, timing.peak_memory_increase_mb)
         progress = FitProgress(
-            epochs_done=epoch + 1,
+            epochs_done=epoch,
             best_value=best_value,
             best_epoch=result.best_epoch,
             best_state=best_state,
@@ -454,10 +489,11 @@ def _fit(
         )
         rng = capture_rng(loader_generator)
         checkpoint.save(result.run_id or "", progress, _resumable(model, method, optimizer, scheduler), rng)
-        tracker.log_metrics(metrics, step=epoch)
+        if epoch not in logged_epochs:
+            tracker.log_metrics(metrics, step=epoch)
         # The next epoch starts from the random state just saved, whether resumed or not.
         restore_rng(rng, loader_generator)
-        epochs.set_postfix({suite.primary_metric: f"{value:.4f}", "ms/step": f"{timing.step_ms:.0f}"})
+        run_progress.epoch_done(epoch, value, timing.step_ms)
         if on_epoch is not None:
             on_epoch(epoch, value)
 
@@ -476,7 +512,7 @@ def _fit(
         "summary/timed_steps": float(total_steps),
         "summary/peak_memory_mb": peak,
         "summary/peak_memory_increase_mb": peak_increase,
-        "summary/best_epoch": float(result.best_epoch or 0),
+        "summary/best_epoch": float(best_state["epoch"]),
         f"summary/best_val_{suite.primary_metric}": best_value,
         **{f"summary/{phase}_ms": ms for phase, ms in result.ms_per_step.items()},
     }

@@ -64,6 +64,7 @@ import methods
 import tasks
 from bench.cli import flags_to_layers
 from bench.jobs import ClaimOutcome, run_claimed
+from bench.signals import interruption_exit_code, interruption_reason
 from bench.spec import RunSpec, parse_assignments, resolve_spec
 from bench.studies import (
     CONFIG_ATTR,
@@ -100,8 +101,9 @@ FULL_TRIALS_ATTR = "full_trials"
 """Study user attribute: whether trials are also tested and keep their best checkpoint
 (``--full-trials`` of the latest ``tune`` command)."""
 PRUNE_AFTER_TRIALS = 5
-PRUNE_FROM_EPOCH = 1
-"""MedianPruner's ``n_startup_trials`` and ``n_warmup_steps`` (epochs are 0-based steps)."""
+PRUNE_FROM_EPOCH = 2
+"""MedianPruner's ``n_startup_trials`` and ``n_warmup_steps``: the steps are the epochs,
+counted from 1, and a trial is not pruned before step ``n_warmup_steps``."""
 
 
 def study_name(task: str, method: str) -> str:
@@ -335,7 +337,7 @@ def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) 
         reported.append(value)
         trial.report(value, epoch)
         if trial.should_prune():
-            raise StopTraining(f"pruned by Optuna's {type(shared.study.pruner).__name__} after epoch {epoch + 1}")
+            raise StopTraining(f"pruned by Optuna's {type(shared.study.pruner).__name__} after epoch {epoch}")
 
     label = trial_label(shared, claim)
     context.console.print(f"{label}: {format_params(params)}")
@@ -424,7 +426,7 @@ def tuned_settings(url: str, task: str, chosen_methods: Sequence[str]) -> dict[s
 
 def tune_command(args: argparse.Namespace, console: Console) -> int:
     """``python -m bench tune``: exit code 0 when every study has a completed trial, 1 when one
-    has none, 2 on bad input (nothing is written then)."""
+    has none, 2 on bad input (nothing is written then), 130 on Ctrl-C and 143 on SIGTERM."""
     from bench.worker import run_workers  # the worker imports this module
 
     given = vars(args)
@@ -460,9 +462,11 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
     )
     try:
         run_workers(url, [s.name for s in studies], options.workers or 1, spec.results, console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: running trials are queued again; run the same command to go on[/]")
-        return 130
+    except KeyboardInterrupt as interrupt:
+        console.print(
+            f"[yellow]{interruption_reason(interrupt)}: running trials are queued again; run the same command to go on[/]"
+        )
+        return interruption_exit_code(interrupt)
     failures = [message for s in studies if (message := finish_study(s, spec.tracking_uri)) is not None]
     console.print(tuning_table(studies))
     for message in failures:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from rich.console import Console
 
 import tasks
 from bench.grid import run_grid_cell
+from bench.signals import interruption_exit_code, interruption_reason, interruption_signal
 from bench.spec import RunSpec, resolve_spec
 from bench.studies import (
     KIND_ATTR,
@@ -118,9 +118,9 @@ def run_workers(url: str, names: Sequence[str], count: int, results: Path, conso
         console.print(f"{len(helpers)} more worker process(es) started; their output: {log_dir}/{stamp}-worker*.log")
     try:
         work(url, names, WorkerContext({}, console))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         for process, _ in helpers:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(interruption_signal(interrupt))
         raise
     finally:
         for process, _ in helpers:
@@ -131,7 +131,8 @@ def run_workers(url: str, names: Sequence[str], count: int, results: Path, conso
 
 
 def worker_command(args: argparse.Namespace, console: Console) -> int:
-    """``python -m bench worker``: exit code 0 when every trial is over, 2 on bad input."""
+    """``python -m bench worker``: exit code 0 when every trial is over, 2 on bad input, 130 on
+    Ctrl-C and 143 on SIGTERM."""
     overrides = {k: getattr(args, k) for k in ("results", "tracking_uri", "device") if getattr(args, k) is not None}
     names = [n for n in args.studies.split(",") if n.strip()] if args.studies else None
     try:
@@ -140,9 +141,9 @@ def worker_command(args: argparse.Namespace, console: Console) -> int:
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
         console.print(f"[red]error:[/] {error}")
         return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: this worker's trial is queued again[/]")
-        return 130
+    except KeyboardInterrupt as interrupt:
+        console.print(f"[yellow]{interruption_reason(interrupt)}: this worker's trial is queued again[/]")
+        return interruption_exit_code(interrupt)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(ended.items())) or "nothing to do"
     console.print(f"worker {worker_id()} on {masked(args.storage)}: {summary}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +20,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import methods
+import tasks
 from bench.cli import main
+from bench.progress import Sweep
 from bench.runner import summary_files
 from bench.tracking import EXPERIMENT_KIND_TAG, Tracker, experiment_name
 
@@ -78,13 +81,13 @@ def test_per_epoch_history_and_best_checkpoint_is_tested(sweep: Path) -> None:
     run = next(r for r in runs_of(sweep) if r.data.params["method"] == "ew")
     client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
     history = client.get_metric_history(run.info.run_id, "val/mean_auroc")
-    assert [m.step for m in history] == [0, 1]
-    best_epoch = max(range(2), key=lambda e: history[e].value)
+    assert [m.step for m in history] == [1, 2]  # epochs counted from 1
+    best_epoch = max(history, key=lambda m: m.value).step
     assert run.data.metrics["summary/best_epoch"] == best_epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "test_predictions.csv", "best_checkpoint.pt", "data_identity.json"} <= artifacts
     local = Path(client.download_artifacts(run.info.run_id, "best_checkpoint.pt"))
-    checkpoint = torch.load(local, weights_only=False)
+    checkpoint = torch.load(local, weights_only=True)
     assert checkpoint["epoch"] == best_epoch
     predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "test_predictions.csv"))
     assert len(predictions) == int(json.loads(Path(client.download_artifacts(run.info.run_id, "data_identity.json")).read_text())["splits"]["test"]["size"])
@@ -240,6 +243,49 @@ def test_list_prints_methods_hyperparameters_and_tasks(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     for text in ("deepchest", "calpha", "0.5", "libmtl:mgda", "normalization", "cxr14-synthetic", "n_images"):
         assert text in out
+
+
+def test_list_in_a_log_prints_every_name_and_help_whole(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0  # standard output captured: not a terminal
+    lines = capsys.readouterr().out.splitlines()
+    for text in (
+        *methods.available(include_libmtl=True),
+        *(h.describe() for name in methods.available(include_libmtl=True) for h in methods.hparams(name)),
+        *(info.help for name in tasks.available() for info in tasks.options(name).values()),
+    ):
+        assert any(text in line for line in lines), text  # on one line: neither cut nor wrapped
+
+
+TINY = ["--task", TASK, "--task-opt", "n_images=140", "--task-opt", "min_positives=1", "--image-size", "16",
+        "--batch-size", "64", "--epochs", "2", "--no-checkpoint", "--methods", "ew"]
+"""One training step per epoch (98 training images, batch 64, the short last batch dropped)."""
+PROGRESS_LINE = re.compile(
+    r"run (\d+) of (\d+): ew seed (\d+), epoch (\d+)/2, val mean_auroc \d\.\d{4}, \d+ ms/step, "
+    r"ETA run \d+:\d\d:\d\d, sweep \d+:\d\d:\d\d"
+)
+
+
+def test_progress_in_a_log_is_one_line_per_epoch_and_runs_done_earlier_count_as_done(
+    results: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", *TINY, "--seeds", "0", "--results", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = [match.groups() for line in lines if (match := PROGRESS_LINE.fullmatch(line))]
+    assert progress == [("1", "1", "0", "1"), ("1", "1", "0", "2")]
+
+    assert main(["run", *TINY, "--seeds", "0,1", "--results", str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = [match.groups() for line in lines if (match := PROGRESS_LINE.fullmatch(line))]
+    assert progress == [("2", "2", "1", "1"), ("2", "2", "1", "2")]  # seed 0 was run 1, reused
+    assert any(line.startswith("ew seed 0: done earlier") for line in lines)
+
+
+def test_sweep_time_left_counts_the_runs_not_started_shared_among_those_running() -> None:
+    # Run 2 of 6, 3 of its 10 epochs left, 2 s per epoch: its 3 epochs, then 4 runs of 10.
+    assert Sweep(6, position=2).seconds_left(3, 10, 2.0) == 2.0 * (3 + 4 * 10)
+    # A shared grid: 3 cells started of 6, 2 of them training at once.
+    assert Sweep(6, position=3, parallel=2).seconds_left(3, 10, 2.0) == 2.0 * (3 + 3 * 10 / 2)
+    assert Sweep(6, position=6).seconds_left(0, 10, 2.0) == 0.0
 
 
 def _free_port() -> int:

@@ -4,8 +4,11 @@ the gradient engine, input validation, state round-trips, and a 14-task ResNet-1
 from __future__ import annotations
 
 import copy
+import io
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -735,6 +738,34 @@ def test_deepchest_state_dict_restores_weights(signal):
     m1.epoch_end(stats)
     m2.epoch_end(stats)
     torch.testing.assert_close(m2.weigh(torch.ones(3), None).weights, m1.weigh(torch.ones(3), None).weights)
+
+
+@pytest.mark.parametrize("name", methods.available(include_libmtl=True))
+def test_every_methods_state_loads_weights_only_and_restores_it(mtl, name):
+    """An epoch checkpoint is read with ``weights_only=True``: every method's state must load so."""
+    n_tasks = 3
+    net = mtl.make_net(n_tasks, seed=5)
+
+    def weights(method, seed):
+        random.seed(seed)  # for methods that draw at random
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        copied = copy.deepcopy(net)
+        x, y = mtl.make_batch(n_tasks, seed=seed)
+        return method.backward(mtl.task_losses(copied, x, y), copied.encoder.parameters())
+
+    m1 = methods.create(name, n_tasks)
+    for epoch in range(2):
+        for step in range(2):
+            weights(m1, seed=10 * epoch + step)
+        m1.epoch_end(_stats(n_tasks, accuracy=[0.9, 0.5, 0.6 + 0.1 * epoch], loss=[1.0, 2.0 - epoch, 3.0]))
+    buffer = io.BytesIO()
+    torch.save(m1.state_dict(), buffer)
+    buffer.seek(0)
+    m2 = methods.create(name, n_tasks)
+    m2.load_state_dict(torch.load(buffer, weights_only=True))
+    for seed in (100, 101):
+        torch.testing.assert_close(weights(m2, seed), weights(m1, seed), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------- 14 tasks on a ResNet-18 encoder

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from scipy import stats as scipy_stats
 
+from bench import report_build, report_plots
 from bench.cli import main
 from bench.results_io import LONG_COLUMNS
 from bench.train import result_from_run
@@ -148,6 +149,41 @@ def flat_numbers(value: object, path: str = "") -> dict[str, object]:
     if not isinstance(value, dict):
         return {path: value}
     return {k: v for key, item in value.items() for k, v in flat_numbers(item, f"{path}/{key}").items()}
+
+
+def test_plotted_epochs_are_mlflow_steps_counted_from_1_and_agree_with_best_epoch(
+    demo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plotted = []
+    original = report_plots.validation_curves
+
+    def recording(curves: pd.DataFrame, *args: object) -> Path:
+        plotted.append(curves)
+        return original(curves, *args)
+
+    monkeypatch.setattr(report_plots, "validation_curves", recording)
+    assert main(["report", "--results", str(demo["results"]), "--bootstrap", "10", "--out", str(tmp_path)]) == 0
+    (curves,) = plotted
+
+    # A run logged before epochs were counted from 1 (its steps from 0) is plotted from 1 too.
+    def uw_logged_from_0(*args: object) -> pd.DataFrame:
+        histories = load_histories(*args)
+        return histories.assign(step=histories["step"] - (histories["method"] == "uw").astype(int))
+
+    load_histories = report_build.load_histories
+    monkeypatch.setattr(report_build, "load_histories", uw_logged_from_0)
+    assert main(["report", "--results", str(demo["results"]), "--bootstrap", "10", "--out", str(tmp_path / "old")]) == 0
+    plotted_again = plotted[1].drop(columns="step").reset_index(drop=True)
+    pd.testing.assert_frame_equal(plotted_again, curves.drop(columns="step").reset_index(drop=True))
+    client = MlflowClient(tracking_uri=f"sqlite:///{demo['results'] / 'mlflow.db'}")
+    for run in store_runs(demo["results"]):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/mean_auroc")]
+        assert steps == [1, 2]  # epoch 1 is the first
+        mine = curves[(curves["method"] == run.data.params["method"]) & (curves["seed"].astype(str) == run.data.params["seed"])]
+        assert sorted(mine["epoch"]) == steps
+        # The best epoch the run reports is the plotted x of its best value (the first, on a tie).
+        best_x = mine.sort_values("epoch", kind="stable").set_index("epoch")["value"].idxmax()
+        assert run.data.metrics["summary/best_epoch"] == best_x
 
 
 def test_exported_csv_gives_the_same_statistics(demo: dict[str, Path], tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_a_pruned_trial_stops_after_its_reported_epoch_and_its_mlflow_run_says_w
     assert main(["tune", *TINY, "--methods", "ew", "--trials", "1", "--results", str(results)]) == 1
     study = optuna.load_study(study_name=study_name(TASK, "ew"), storage=f"sqlite:///{results / 'optuna.db'}")
     (trial,) = study.get_trials()
-    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [0]
+    assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [1]
     (parent,) = [r for r in mlflow_runs(results) if r.info.run_name == "tune-ew"]
     (child,) = [r for r in mlflow_runs(results) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert child.info.status == "KILLED"

@@ -19,7 +19,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import methods
-from bench.cli import main
+import tasks
+from bench.cli import LISTED_RUN_DEFAULTS, main
+from bench.spec import RUN_DEFAULTS
 from bench.tracking import experiment_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,6 +213,29 @@ def test_list_prints_methods_hyperparameters_and_tasks(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     for text in ("deepchest", "calpha", "0.5", "libmtl:mgda", "normalization", "cxr14-synthetic", "n_images"):
         assert text in out
+
+
+def test_list_shows_each_suites_training_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 1 + len(LISTED_RUN_DEFAULTS):
+            rows[cells[0]] = dict(zip(LISTED_RUN_DEFAULTS, cells[1:]))
+    for name in ["(built-in)", *tasks.available()]:
+        expected = {**RUN_DEFAULTS, **({} if name == "(built-in)" else tasks.run_defaults(name))}
+        shown = rows[name]
+        assert int(shown["epochs"]) == expected["epochs"] and int(shown["batch_size"]) == expected["batch_size"]
+        assert float(shown["lr"]) == expected["lr"] and float(shown["weight_decay"]) == expected["weight_decay"]
+        assert (shown["optimizer"], shown["scheduler"], shown["backbone"]) == (
+            expected["optimizer"], expected["scheduler"], expected["backbone"]
+        )
+    assert rows["nyuv2"]["epochs"] == "200" and rows["nyuv2"]["lr"] == "0.0001"
+
+
+def test_list_shows_every_run_default_a_suite_sets() -> None:
+    for name in tasks.available():
+        assert set(tasks.run_defaults(name)) <= set(LISTED_RUN_DEFAULTS), name
 
 
 def _free_port() -> int:

@@ -205,6 +205,14 @@ def resolve_device(device: str | None) -> torch.device:
     return parsed_device
 
 
+def check_backbone(task: str, backbone: str) -> str:
+    """``backbone`` if task suite ``task`` builds its model on it, else an error listing those it does."""
+    valid = tasks.suite_class(task).backbones
+    if backbone not in valid:
+        raise ValueError(f"--backbone {backbone!r}: the {task} suite builds on {', '.join(valid)}")
+    return backbone
+
+
 def check_grad_level(grad_level: str, chosen_methods: list[str]) -> str:
     """``grad_level`` if it is valid for every method in ``chosen_methods``, else an error saying what to change.
 
@@ -274,6 +282,7 @@ def resolve_spec(
     if not 0 < lr_gamma <= 1:
         raise ValueError(f"--lr-gamma: expected a number in (0, 1], got {lr_gamma}")
 
+    backbone = check_backbone(task, str(values["backbone"]))
     parsed_device = resolve_device(values["device"])
     grad_level = check_grad_level(values["grad_level"], chosen_methods)
     amp = bool(values["amp"])
@@ -308,7 +317,7 @@ def resolve_spec(
         optimizer=values["optimizer"],
         weight_decay=weight_decay,
         scheduler=values["scheduler"],
-        backbone=str(values["backbone"]),
+        backbone=backbone,
         device=str(parsed_device),
         results=results,
         tracking_uri=str(tracking_uri),

@@ -75,7 +75,7 @@ from tqdm.auto import tqdm
 
 from tasks.base import SPLIT_NAMES, TaskSuite
 from tasks.checks import check_integer, check_real
-from tasks.dense_models import DenseMultiTaskModel, build_dense_model
+from tasks.dense_models import DENSE_BACKBONES, DenseMultiTaskModel, build_dense_model
 from tasks.registry import register
 
 TASK_NAMES: tuple[str, ...] = ("segmentation", "depth", "normal")
@@ -409,6 +409,7 @@ class NYUv2FormatSuite(TaskSuite):
     task_names = TASK_NAMES
     primary_metric = "mean_accuracy"
     primary_direction = "maximize"
+    backbones = DENSE_BACKBONES
 
     def _load(
         self,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 import methods
 import tasks
+from bench.errors import INPUT_ERRORS, print_error
 from bench.profile import add_profile_parser, profile_command
 from bench.step import GRAD_LEVELS
 from bench.report import add_report_parser, report_command
@@ -80,8 +81,19 @@ def flags_to_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     return config, given
 
 
+LISTED_RUN_DEFAULTS: tuple[str, ...] = (
+    "epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "lr_step_size", "lr_gamma", "backbone",
+)
+"""The run options ``list`` shows for each task suite: the training setup, which a suite may set."""
+
+
+def _default_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def list_command(console: Console) -> None:
-    """Print every method with its hyperparameters and every task suite with its options."""
+    """Print every method with its hyperparameters, every task suite with its options, and the
+    training defaults: built in and each suite's own."""
     table = Table(title="methods (python -m bench run --methods NAME --hp NAME.KEY=VALUE)")
     for column in ("method", "hyperparameter", "default", "valid values"):
         table.add_column(column)
@@ -99,6 +111,43 @@ def list_command(console: Console) -> None:
         for i, (option, info) in enumerate(tasks.options(name).items()):
             suites.add_row(name if i == 0 else "", option, "(required)" if info.required else repr(info.default), info.help)
     console.print(suites)
+    defaults = Table(title="training defaults, built in and each suite's own (flags and --config override them)")
+    defaults.add_column("task", no_wrap=True)
+    for key in LISTED_RUN_DEFAULTS:
+        defaults.add_column(key.replace("_", "\n"))  # one word a line: the table fits 120 columns
+    defaults.add_row("(built-in)", *[_default_text(RUN_DEFAULTS[key]) for key in LISTED_RUN_DEFAULTS])
+    for name in tasks.available():
+        values = {**RUN_DEFAULTS, **tasks.run_defaults(name)}
+        defaults.add_row(name, *[_default_text(values[key]) for key in LISTED_RUN_DEFAULTS])
+    console.print(defaults)
+
+
+def _other_command(args: argparse.Namespace, console: Console, argv: Sequence[str]) -> int:
+    """Run ``profile``, ``report``, ``tune`` or ``worker``; return its exit code.
+
+    Each command reports the bad input it checks itself; what it does not check is left to
+    :func:`main`, which reports :data:`~bench.errors.INPUT_ERRORS` likewise.
+    """
+    if args.command == "profile":
+        return profile_command(args, console)
+    if args.command == "report":
+        from mlflow.exceptions import MlflowException  # heavy imports (MLflow) only when reporting
+
+        try:
+            return report_command(args, console, argv)
+        except MlflowException as error:
+            return print_error(
+                console,
+                f"the MLflow store failed: {error}. Check --results or --tracking-uri (or MLFLOW_TRACKING_URI) "
+                "and, for a tracking server, that it is running",
+            )
+    if args.command == "tune":
+        from bench.tune import tune_command  # heavy imports (MLflow) only when running
+
+        return tune_command(args, console)
+    from bench.worker import worker_command
+
+    return worker_command(args, console)
 
 
 LOG_WIDTH = 10_000
@@ -133,26 +182,18 @@ def _command(args: argparse.Namespace, console: Console, argv: Sequence[str] | N
     if args.command == "list":
         list_command(console)
         return 0
-    if args.command == "profile":
-        return profile_command(args, console)
-    if args.command == "report":
-        return report_command(args, console, sys.argv[1:] if argv is None else argv)
-    if args.command == "tune":
-        from bench.tune import tune_command  # heavy imports (MLflow) only when running
-
-        return tune_command(args, console)
-    if args.command == "worker":
-        from bench.worker import worker_command
-
-        return worker_command(args, console)
+    if args.command != "run":
+        try:
+            return _other_command(args, console, sys.argv[1:] if argv is None else argv)
+        except INPUT_ERRORS as error:
+            return print_error(console, error)
     from bench.runner import run_sweep  # heavy imports (MLflow) only when running
 
     try:
         options = StorageOptions.pop(args)
         spec = resolve_spec(*flags_to_layers(args))
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+    except INPUT_ERRORS as error:
+        return print_error(console, error)
     try:
         results = run_sweep(spec, console, options)
     except KeyboardInterrupt as interrupt:
@@ -161,8 +202,7 @@ def _command(args: argparse.Namespace, console: Console, argv: Sequence[str] | N
             "same command is run again; the store is readable[/]"
         )
         return interruption_exit_code(interrupt)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+    except INPUT_ERRORS as error:
+        return print_error(console, error)
     # A run that diverged (non-finite loss) is a result; a run that crashed is an error.
     return 1 if any(r.crashed for r in results) else 0

@@ -43,13 +43,16 @@ from rich.table import Table
 
 import methods
 import tasks
-from bench.spec import option_value, parse_assignments, resolve_methods
+from bench.errors import INPUT_ERRORS, print_error
+from bench.spec import check_backbone, check_grad_level, option_value, parse_assignments, resolve_device, resolve_methods
 from bench.step import GRAD_LEVELS, autocast, seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
 from methods.base import EpochStats
 from methods.libmtl import LibMTLDefectError
 
 FLOOR = "floor"
+DEFAULT_IMAGE_SIZE = 64
+"""``--image-size`` of the suites that take the option, when not given."""
 
 
 def add_profile_parser(commands: Any) -> None:
@@ -67,7 +70,8 @@ def add_profile_parser(commands: Any) -> None:
     profile.add_argument("--tasks", type=int, dest="n_tasks", help="use only the first N tasks of the suite")
     profile.add_argument("--grad-level", choices=GRAD_LEVELS, default="parameters", dest="grad_level")
     profile.add_argument("--batch-size", type=int, default=16, dest="batch_size")
-    profile.add_argument("--image-size", type=int, default=64, dest="image_size", help="task option (default 64)")
+    profile.add_argument("--image-size", type=int, dest="image_size",
+                         help=f"task option of the suites that have one (default {DEFAULT_IMAGE_SIZE})")
     profile.add_argument("--backbone", default="resnet18")
     profile.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     profile.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass (CUDA only)")
@@ -210,18 +214,22 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
     """Run the profile and print the table; exit code 2 on bad input."""
     try:
         names = expand_methods(args.methods)
-        options = {"image_size": args.image_size, **{k: option_value(v) for k, v in parse_assignments(args.task_opt, "--task-opt").items()}}
+        check_grad_level(args.grad_level, names)
+        check_backbone(args.task, args.backbone)
+        if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+            raise ValueError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+        device = resolve_device(args.device)
+        autocast(device, args.amp)
+        options = {k: option_value(v) for k, v in parse_assignments(args.task_opt, "--task-opt").items()}
+        if args.image_size is not None or "image_size" in tasks.options(args.task):
+            options.setdefault("image_size", DEFAULT_IMAGE_SIZE if args.image_size is None else args.image_size)
+        args.image_size = options.get("image_size")  # what the suite uses, for the table and the JSON file
         suite = tasks.create(args.task, **options)
         n_tasks = args.n_tasks or suite.n_tasks
         if not 2 <= n_tasks <= suite.n_tasks:
             raise ValueError(f"--tasks must be in [2, {suite.n_tasks}] for {args.task}, got {n_tasks}")
-        if args.steps < 1 or args.warmup < 0:
-            raise ValueError("--steps must be >= 1 and --warmup >= 0")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        autocast(device, args.amp)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+    except INPUT_ERRORS as error:
+        return print_error(console, error)
     loader = torch.utils.data.DataLoader(suite.splits()["train"], batch_size=args.batch_size, shuffle=False)
     x, y = next(iter(loader))
     batch = (x.to(device), y.to(device))
@@ -245,7 +253,8 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
 
 def _print_table(console: Console, rows: list[dict[str, Any]], args: argparse.Namespace, suite: tasks.TaskSuite,
                  n_tasks: int, device: torch.device) -> None:
-    table = Table(title=f"{args.task}, {n_tasks} tasks, {args.backbone}, {args.image_size} px, batch {args.batch_size}, "
+    size = f"{args.image_size} px, " if args.image_size is not None else ""
+    table = Table(title=f"{args.task}, {n_tasks} tasks, {args.backbone}, {size}batch {args.batch_size}, "
                         f"{device}, median of {args.steps} interleaved steps (ms)")
     for column in ("method", "level", *STEP_PHASES, "step", "x EW", "x floor", "state MB", "step +MB", "peak MB"):
         table.add_column(column, justify="left" if column in ("method", "level") else "right")

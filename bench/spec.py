@@ -193,6 +193,42 @@ def resolve_methods(value: Any) -> list[str]:
     return resolved
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` (``None``: cuda when available, else cpu) as a device this machine has, or an error."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed_device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if parsed_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return parsed_device
+
+
+def check_backbone(task: str, backbone: str) -> str:
+    """``backbone`` if task suite ``task`` builds its model on it, else an error listing those it does."""
+    valid = tasks.suite_class(task).backbones
+    if backbone not in valid:
+        raise ValueError(f"--backbone {backbone!r}: the {task} suite builds on {', '.join(valid)}")
+    return backbone
+
+
+def check_grad_level(grad_level: str, chosen_methods: list[str]) -> str:
+    """``grad_level`` if it is valid for every method in ``chosen_methods``, else an error saying what to change.
+
+    LibMTL's own classes (``libmtl:<name>``) take parameter-level gradients only.
+    """
+    if grad_level not in GRAD_LEVELS:
+        raise ValueError(f"--grad-level {grad_level!r}: valid: {', '.join(GRAD_LEVELS)}")
+    libmtl_methods = [m for m in chosen_methods if m.startswith(methods.registry.LIBMTL_PREFIX)]
+    if grad_level == "features" and libmtl_methods:
+        raise ValueError(
+            f"--grad-level features is for native methods; LibMTL's own classes ({', '.join(libmtl_methods)}) "
+            "take parameter-level gradients only: leave them out of --methods or use --grad-level parameters"
+        )
+    return grad_level
+
+
 def resolve_spec(
     config: Mapping[str, Any], flags: Mapping[str, Any]
 ) -> RunSpec:
@@ -246,19 +282,9 @@ def resolve_spec(
     if not 0 < lr_gamma <= 1:
         raise ValueError(f"--lr-gamma: expected a number in (0, 1], got {lr_gamma}")
 
-    device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed_device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if parsed_device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-
-    grad_level = values["grad_level"]
-    if grad_level not in GRAD_LEVELS:
-        raise ValueError(f"--grad-level {grad_level!r}: valid: {', '.join(GRAD_LEVELS)}")
-    if grad_level == "features" and any(m.startswith(methods.registry.LIBMTL_PREFIX) for m in chosen_methods):
-        raise ValueError("--grad-level features is for native methods; libmtl: methods run at parameter level only")
+    backbone = check_backbone(task, str(values["backbone"]))
+    parsed_device = resolve_device(values["device"])
+    grad_level = check_grad_level(values["grad_level"], chosen_methods)
     amp = bool(values["amp"])
     if amp and parsed_device.type != "cuda":
         raise ValueError(f"--amp needs a CUDA device (bf16 autocast); this run is on {parsed_device}")
@@ -291,7 +317,7 @@ def resolve_spec(
         optimizer=values["optimizer"],
         weight_decay=weight_decay,
         scheduler=values["scheduler"],
-        backbone=str(values["backbone"]),
+        backbone=backbone,
         device=str(parsed_device),
         results=results,
         tracking_uri=str(tracking_uri),

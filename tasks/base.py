@@ -69,6 +69,7 @@ class TaskSuite(ABC):
         primary_metric: the key of :meth:`evaluate`'s result used for model selection.
         primary_direction: ``"maximize"`` or ``"minimize"`` for ``primary_metric``.
         option_help: one help line per constructor option (read by :func:`tasks.options`).
+        backbones: the encoders :meth:`build_model` accepts (checked before a run starts).
 
     ``name`` is set by :func:`tasks.register`.
     """
@@ -78,6 +79,7 @@ class TaskSuite(ABC):
     primary_metric: str
     primary_direction: str
     option_help: dict[str, str]
+    backbones: tuple[str, ...]
     run_defaults: dict[str, Any] = {}
     """Training defaults that suit this suite (e.g. ``epochs``, ``batch_size``); run options win."""
 

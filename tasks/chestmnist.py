@@ -7,7 +7,7 @@ ChestMNIST (Yang et al., Scientific Data 2023) resizes NIH ChestX-ray14 to 28, 6
 ``chestmnist.npz`` for 28 px, ``chestmnist_<size>.npz`` otherwise, with arrays
 ``<split>_images`` uint8 ``[N, S, S]`` and ``<split>_labels`` uint8 ``[N, 14]``. With
 ``download=true`` and the file absent, the ``medmnist`` package fetches it (needs internet
-and ``pip install medmnist``). All images are held in memory (5.6 GB at 224 px).
+and ``pip install -e ".[chestmnist]"``). All images are held in memory (5.6 GB at 224 px).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from tasks.nih import FINDINGS, SUBSET_OPTION_HELP, draw_subset
 from tasks.registry import register
 
 SIZES: tuple[int, ...] = (28, 64, 128, 224)
+DOWNLOAD_URL = "https://zenodo.org/records/10519652"
+"""MedMNIST v2's record on Zenodo, which holds every ``chestmnist[_SIZE].npz``."""
 
 
 def npz_name(size: int) -> str:
@@ -34,11 +36,19 @@ def npz_name(size: int) -> str:
 
 
 def _download(data_dir: Path, size: int) -> None:
+    """Fetch ``npz_name(size)`` into ``data_dir`` with the ``medmnist`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed, so the absent file cannot be fetched
+            (the message says how to install it and where to put the file instead).
+    """
     try:
         import medmnist
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
-            f"download=true needs the medmnist package: pip install medmnist (or place {npz_name(size)} in {data_dir})"
+        raise FileNotFoundError(
+            f"{data_dir / npz_name(size)} does not exist and download=true needs the medmnist package, which is "
+            f'not installed: pip install -e ".[chestmnist]", or download {npz_name(size)} from {DOWNLOAD_URL} '
+            "into that folder"
         ) from None
     data_dir.mkdir(parents=True, exist_ok=True)
     medmnist.ChestMNIST(split="train", download=True, root=str(data_dir), size=size)
@@ -107,7 +117,7 @@ class ChestMNISTSuite(MultiLabelSuite):
             if not self.download:
                 raise FileNotFoundError(
                     f"{path} does not exist: get ChestMNIST with --task-opt download=true (needs internet and "
-                    f"pip install medmnist), or download {npz_name(self.size)} from https://zenodo.org/records/10519652 "
+                    f'pip install -e ".[chestmnist]"), or download {npz_name(self.size)} from {DOWNLOAD_URL} '
                     "into that folder"
                 )
             _download(self.data_dir, self.size)

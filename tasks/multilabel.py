@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tasks.augment import BatchAugmentation
 from tasks.base import MultiTaskModel, TaskSuite
 from tasks.checks import check_choice, check_integer
-from tasks.models import NORMALIZATIONS, ImageNormalization, build_encoder
+from tasks.models import BACKBONES, NORMALIZATIONS, ImageNormalization, build_encoder
 
 
 class MultiLabelModel(MultiTaskModel):
@@ -102,6 +102,7 @@ class MultiLabelSuite(TaskSuite):
 
     primary_metric = "mean_auroc"
     primary_direction = "maximize"
+    backbones = BACKBONES
     in_channels: int = 1
     pretrained: str = "none"
     normalization: str = "none"

@@ -6,6 +6,9 @@ preprocessed files LibMTL's ``examples/nyu`` reads)::
     DIR/train/{image,label,depth,normal}/{i}.npy     i = 0 ... 794
     DIR/val/{image,label,depth,normal}/{i}.npy       i = 0 ... 653
 
+A folder with other counts in this layout (a subset, or other data preprocessed the same way)
+is accepted with a :class:`FolderSizeWarning`: published numbers are on 795 + 654 images.
+
 Each ``.npy`` file holds one image, channels last (LibMTL's ``create_dataset.py`` moves the
 last axis to the front when it loads them):
 
@@ -58,6 +61,7 @@ that weigh the three tasks alike without a baseline.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,7 +75,7 @@ from tqdm.auto import tqdm
 
 from tasks.base import SPLIT_NAMES, TaskSuite
 from tasks.checks import check_integer, check_real
-from tasks.dense_models import DenseMultiTaskModel, build_dense_model
+from tasks.dense_models import DENSE_BACKBONES, DenseMultiTaskModel, build_dense_model
 from tasks.registry import register
 
 TASK_NAMES: tuple[str, ...] = ("segmentation", "depth", "normal")
@@ -81,8 +85,11 @@ N_CLASSES = TASK_CHANNELS["segmentation"]
 IGNORE_LABEL = -1
 IMAGE_SIZE: tuple[int, int] = (288, 384)
 """Height and width of the MTAN/LibMTL preprocessing."""
-FOLDER_SIZES: dict[str, int] = {"train": 795, "val": 654}
-"""Number of images in each folder of the MTAN/LibMTL preprocessing."""
+PUBLISHED_FOLDER_SIZES: dict[str, int] = {"train": 795, "val": 654}
+"""Number of images in each folder of the MTAN/LibMTL preprocessing, on which LibMTL and MTAN publish."""
+DEFAULT_DATA_DIR = "data/nyuv2"
+DOWNLOAD_URL = "https://www.dropbox.com/sh/86nssgwm6hm3vkb/AACrnUQ4GxpdrBbLjb6n-mWNa?dl=0"
+"""MTAN's preprocessed NYUv2, linked from MTAN's README and LibMTL's ``examples/nyu/README.md``."""
 MODALITIES: tuple[str, ...] = ("image", "label", "depth", "normal")
 AUGMENT_SCALES: tuple[float, ...] = (1.0, 1.2, 1.5)
 DEPTH_RATIO_THRESHOLD = 1.25
@@ -110,6 +117,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 """The metrics LibMTL reports for each task (the ones Delta_m averages)."""
 
 
+class FolderSizeWarning(UserWarning):
+    """A folder in the NYUv2 layout holds other counts than the published 795 train and 654 val images."""
+
+
 def file_shape(modality: str, image_size: tuple[int, int]) -> tuple[int, ...]:
     """The array shape of one ``.npy`` file of ``modality`` (channels last)."""
     height, width = image_size
@@ -120,8 +131,8 @@ def file_shape(modality: str, image_size: tuple[int, int]) -> tuple[int, ...]:
 def check_folder(split_dir: Path, image_size: tuple[int, int], expected_count: int | None) -> int:
     """Check ``split_dir/{image,label,depth,normal}/{i}.npy`` and return the number of images.
 
-    Every modality must hold the files ``0.npy ... (N-1).npy`` for the same ``N`` (that of
-    ``image/``), ``N`` must equal ``expected_count`` when given, and every file's array must
+    Every modality must hold the files ``0.npy ... (N-1).npy``, without gaps, for the same ``N``
+    (that of ``image/``), ``N`` must equal ``expected_count`` when given, and every file's array must
     have the shape of :func:`file_shape` and a numeric dtype. Only the files' headers are read.
 
     Raises:
@@ -148,8 +159,15 @@ def check_folder(split_dir: Path, image_size: tuple[int, int], expected_count: i
         raise FileNotFoundError(f"{split_dir / 'image'} holds no .npy files; expected the NYUv2 layout {layout}")
     if expected_count is not None and count != expected_count:
         raise ValueError(
-            f"{split_dir / 'image'} holds {count} .npy files; expected {expected_count}: "
-            "the download is incomplete or from another preprocessing"
+            f"{split_dir / 'image'} holds {count} .npy files; expected {expected_count}: the folder is incomplete, "
+            "delete it to have it written again"
+        )
+    highest = max(indices["image"])
+    gaps = sorted(set(range(highest)) - indices["image"])
+    if gaps:
+        raise FileNotFoundError(
+            f"{split_dir / 'image' / f'{gaps[0]}.npy'} is missing, a gap in the numbering ({len(gaps)} missing "
+            f"below {highest}.npy): the images must be numbered 0.npy, 1.npy, ... without gaps"
         )
     wanted = set(range(count))
     for modality in MODALITIES:
@@ -181,6 +199,18 @@ def check_folder(split_dir: Path, image_size: tuple[int, int], expected_count: i
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise ValueError(f"{path} has dtype {array.dtype}; expected a numeric array")
     return count
+
+
+def find_root(data_dir: str | None) -> Path:
+    """The NYUv2 folder ``data_dir`` (default :data:`DEFAULT_DATA_DIR`), or an error saying where to get the data."""
+    root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"no NYUv2 folder at {root}: download MTAN's preprocessed NYUv2 from {DOWNLOAD_URL} (linked from "
+            "LibMTL's examples/nyu/README.md), unpack it so that the folder holds train/ and val/, and pass "
+            f"--data-dir DIR (default {DEFAULT_DATA_DIR}; README, 'NYUv2')"
+        )
+    return root
 
 
 class NYUv2Dataset(Dataset):
@@ -379,18 +409,23 @@ class NYUv2FormatSuite(TaskSuite):
     task_names = TASK_NAMES
     primary_metric = "mean_accuracy"
     primary_direction = "maximize"
+    backbones = DENSE_BACKBONES
 
     def _load(
         self,
         root: Path,
         image_size: tuple[int, int],
-        folder_sizes: dict[str, int],
+        expected_sizes: dict[str, int] | None,
         val_fraction: float,
         split_seed: int,
         augment: bool,
         pretrained: str,
     ) -> None:
-        """Check the files under ``root`` and set up the splits (train and val from ``train/``, test = ``val/``)."""
+        """Check the files under ``root`` and set up the splits (train and val from ``train/``, test = ``val/``).
+
+        ``expected_sizes``: the number of images each folder must hold, or ``None`` for any
+        number; the numbers found are kept in ``folder_sizes``.
+        """
         self.val_fraction = check_real("val_fraction", val_fraction, 0.0, 1.0)
         self.split_seed = check_integer("split_seed", split_seed, 0, 2**32 - 1)
         self.use_augmentation = _check_bool("augment", augment)
@@ -398,8 +433,10 @@ class NYUv2FormatSuite(TaskSuite):
         self.root = root
         self.image_size = image_size
         counts = {
-            folder: check_folder(root / folder, image_size, folder_sizes[folder]) for folder in ("train", "val")
+            folder: check_folder(root / folder, image_size, None if expected_sizes is None else expected_sizes[folder])
+            for folder in ("train", "val")
         }
+        self.folder_sizes = counts
         train_files, val_files = carve_validation(counts["train"], self.val_fraction, self.split_seed)
         self._files = {"train": ("train", train_files), "val": ("train", val_files),
                        "test": ("val", list(range(counts["val"])))}
@@ -557,15 +594,18 @@ def _check_weights(option: str, value: Any) -> str:
 
 @register("nyuv2")
 class NYUv2Suite(NYUv2FormatSuite):
-    """NYUv2 as preprocessed by MTAN and used by LibMTL (module docstring): 795 + 654 images at 288 x 384."""
+    """NYUv2 as preprocessed by MTAN and used by LibMTL (module docstring): 795 + 654 images at 288 x 384.
+
+    Folders in the layout with other counts are accepted with a :class:`FolderSizeWarning`.
+    """
 
     run_defaults = {
         "epochs": 200, "batch_size": 8, "lr": 1e-4, "weight_decay": 1e-5, "optimizer": "adam",
         "scheduler": "step", "backbone": "resnet50",
     }
     option_help = {
-        "data_dir": "folder holding train/ and val/ of the MTAN/LibMTL preprocessing (see README)",
-        "val_fraction": "share of the 795 training images carved out for validation, in (0, 1)",
+        "data_dir": f"folder holding train/ and val/ of the MTAN/LibMTL preprocessing (default {DEFAULT_DATA_DIR}; see README)",
+        "val_fraction": "share of the train/ images (795 in the published set) carved out for validation, in (0, 1)",
         "split_seed": "seed of the random train/validation carve (independent of the training seed)",
         "augment": "random scale 1.0/1.2/1.5 and horizontal flip of training batches (LibMTL's --aug)",
         "pretrained": "encoder start: none, imagenet (torchvision's, from the local torch hub cache) or a weights file",
@@ -573,13 +613,22 @@ class NYUv2Suite(NYUv2FormatSuite):
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: str | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         augment: bool = False,
         pretrained: str = "none",
     ) -> None:
-        self._load(Path(data_dir).expanduser(), IMAGE_SIZE, FOLDER_SIZES, val_fraction, split_seed, augment, pretrained)
+        self._load(find_root(data_dir), IMAGE_SIZE, None, val_fraction, split_seed, augment, pretrained)
+        if self.folder_sizes != PUBLISHED_FOLDER_SIZES:
+            warnings.warn(
+                f"{self.root} holds {self.folder_sizes['train']} train/ and {self.folder_sizes['val']} val/ images; "
+                f"LibMTL's and MTAN's published NYUv2 numbers are on the {PUBLISHED_FOLDER_SIZES['train']} train/ and "
+                f"{PUBLISHED_FOLDER_SIZES['val']} val/ images of MTAN's preprocessing, so results on this data are not "
+                "comparable with them (fine for a quick check or for your own data)",
+                FolderSizeWarning,
+                stacklevel=2,
+            )
 
     def config(self) -> dict[str, Any]:
         """The suite's options."""

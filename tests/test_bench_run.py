@@ -21,9 +21,10 @@ from mlflow.tracking import MlflowClient
 
 import methods
 import tasks
-from bench.cli import main
+from bench.cli import LISTED_RUN_DEFAULTS, main
 from bench.progress import Sweep
 from bench.runner import summary_files
+from bench.spec import RUN_DEFAULTS
 from bench.tracking import EXPERIMENT_KIND_TAG, Tracker, experiment_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,6 +287,29 @@ def test_sweep_time_left_counts_the_runs_not_started_shared_among_those_running(
     # A shared grid: 3 cells started of 6, 2 of them training at once.
     assert Sweep(6, position=3, parallel=2).seconds_left(3, 10, 2.0) == 2.0 * (3 + 3 * 10 / 2)
     assert Sweep(6, position=6).seconds_left(0, 10, 2.0) == 0.0
+
+
+def test_list_shows_each_suites_training_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 1 + len(LISTED_RUN_DEFAULTS):
+            rows[cells[0]] = dict(zip(LISTED_RUN_DEFAULTS, cells[1:]))
+    for name in ["(built-in)", *tasks.available()]:
+        expected = {**RUN_DEFAULTS, **({} if name == "(built-in)" else tasks.run_defaults(name))}
+        shown = rows[name]
+        assert int(shown["epochs"]) == expected["epochs"] and int(shown["batch_size"]) == expected["batch_size"]
+        assert float(shown["lr"]) == expected["lr"] and float(shown["weight_decay"]) == expected["weight_decay"]
+        assert (shown["optimizer"], shown["scheduler"], shown["backbone"]) == (
+            expected["optimizer"], expected["scheduler"], expected["backbone"]
+        )
+    assert rows["nyuv2"]["epochs"] == "200" and rows["nyuv2"]["lr"] == "0.0001"
+
+
+def test_list_shows_every_run_default_a_suite_sets() -> None:
+    for name in tasks.available():
+        assert set(tasks.run_defaults(name)) <= set(LISTED_RUN_DEFAULTS), name
 
 
 def _free_port() -> int:

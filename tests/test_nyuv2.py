@@ -297,10 +297,19 @@ def test_the_generated_set_is_reused_from_its_cache_folder(data_dir: Path, suite
     assert [p.name for p in data_dir.iterdir()] == [suite.root.name]  # no partial folder left behind
 
 
-def test_missing_data_folder_names_it_and_the_layout(tmp_path: Path) -> None:
-    expected = re.escape(f"{tmp_path / 'nope' / 'train'} does not exist; expected the NYUv2 layout")
-    with pytest.raises(FileNotFoundError, match=expected):
+def test_missing_data_folder_says_where_to_get_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no NYUv2 folder at {tmp_path / 'nope'}: download")) as raised:
         tasks.create("nyuv2", data_dir=str(tmp_path / "nope"))
+    assert nyuv2.DOWNLOAD_URL in str(raised.value) and "--data-dir DIR" in str(raised.value)
+    monkeypatch.chdir(tmp_path)  # without data_dir: the default folder, absent here
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no NYUv2 folder at {nyuv2.DEFAULT_DATA_DIR}: download")):
+        tasks.create("nyuv2")
+
+
+def test_data_folder_without_train_names_it_and_the_layout(tmp_path: Path) -> None:
+    expected = re.escape(f"{tmp_path / 'train'} does not exist; expected the NYUv2 layout")
+    with pytest.raises(FileNotFoundError, match=expected):
+        tasks.create("nyuv2", data_dir=str(tmp_path))
 
 
 def test_missing_modality_folder_is_named(layout: Path) -> None:
@@ -336,9 +345,28 @@ def test_unreadable_file_is_named(layout: Path) -> None:
         nyuv2.check_folder(layout / "train", (12, 16), None)
 
 
-def test_real_suite_expects_libmtls_image_counts(layout: Path) -> None:
-    with pytest.raises(ValueError, match=r"train/image holds 4 .npy files; expected 795"):
-        tasks.create("nyuv2", data_dir=str(layout))
+def test_gap_in_the_numbering_is_named(layout: Path) -> None:
+    for modality in nyuv2.MODALITIES:  # 0, 1, 3 in every folder: complete but for the gap
+        (layout / "train" / modality / "2.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train/image/2.npy is missing, a gap in the numbering"):
+        nyuv2.check_folder(layout / "train", (12, 16), None)
+
+
+def test_real_suite_accepts_other_image_counts_and_warns_they_are_not_comparable(tmp_path: Path) -> None:
+    nyuv2_synthetic.write_dataset(tmp_path / "nyu", {"train": 4, "val": 2}, *nyuv2.IMAGE_SIZE, data_seed=0)
+    expected = r"holds 4 train/ and 2 val/ images; .* on the 795 train/ and 654 val/ images .* not comparable"
+    with pytest.warns(nyuv2.FolderSizeWarning, match=expected):
+        suite = tasks.create("nyuv2", data_dir=str(tmp_path / "nyu"), val_fraction=0.25)
+    assert {split: len(suite.item_ids(split)) for split in tasks.SPLIT_NAMES} == {"train": 3, "val": 1, "test": 2}
+    image, targets = suite.splits()["test"][1]
+    assert image.shape == (3, *nyuv2.IMAGE_SIZE) and targets["normal"].shape == (3, *nyuv2.IMAGE_SIZE)
+
+
+def test_real_suite_refuses_a_modality_with_another_count(tmp_path: Path) -> None:
+    nyuv2_synthetic.write_dataset(tmp_path / "nyu", {"train": 4, "val": 2}, *nyuv2.IMAGE_SIZE, data_seed=0)
+    (tmp_path / "nyu" / "val" / "depth" / "1.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"val/depth/1.npy is missing .*val/image holds 2 images"):
+        tasks.create("nyuv2", data_dir=str(tmp_path / "nyu"), val_fraction=0.25)
 
 
 def test_label_values_outside_the_classes_are_named_when_read(layout: Path) -> None:

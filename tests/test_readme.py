@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tasks
+from bench.spec import RUN_DEFAULTS, load_config_file, resolve_spec
+
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 
@@ -29,3 +32,18 @@ def test_readme_python_example_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "['cagrad', 'deepchest', 'ew', 'gradnorm', 'mgda', 'pcgrad', 'uw', 'uwo', 'uwso']" in result.stdout
     assert "libmtl:mgda" in result.stdout
+
+
+def test_example_sweep_file_is_the_one_readme_names_and_a_valid_spec_of_every_option() -> None:
+    path = REPO / "examples" / "sweep.yaml"
+    assert "--config examples/sweep.yaml" in README
+    config = load_config_file(path)
+    assert set(config) == {*RUN_DEFAULTS, "task", "task_options", "hparams"}  # every option shown and explained
+    spec = resolve_spec(config, {})
+    assert spec.task == config["task"] and spec.methods == config["methods"] and spec.seeds == config["seeds"]
+    assert spec.hparams == {"cagrad": {"calpha": 0.4}, "deepchest": {"init": "prevalence"}}
+    tasks.create(spec.task, **spec.task_options)  # the suite accepts the task options
+    rows = path.read_text().splitlines()
+    for key in config:
+        line = next(i for i, row in enumerate(rows) if row.startswith(f"{key}:"))
+        assert "#" in rows[line] or rows[line - 1].startswith("#"), f"{key} is not explained by a comment"

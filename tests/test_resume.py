@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 import methods
@@ -89,6 +90,20 @@ def assert_same_outcome(row: dict, reference: dict) -> None:
     assert (row["best_epoch"], row["best_val"]) == (reference["best_epoch"], reference["best_val"])
 
 
+def resume_and_check_it_matches(
+    argv: list[str], results: Path, saved: dict, uninterrupted: dict, capsys: pytest.CaptureFixture[str]
+) -> tuple[MlflowClient, Run]:
+    """Run ``argv`` again after an interruption: it resumes after the saved epoch, in the saved
+    MLflow run, logs each epoch once (from 1) and ends as the uninterrupted run did."""
+    assert main(argv) == 0
+    assert f"resuming after epoch {saved['progress']['epochs_done']} of {EPOCHS}" in capsys.readouterr().out
+    assert_same_outcome(summary_row(results), uninterrupted)
+    client, (run,) = mlflow_runs(results)
+    assert run.info.run_id == saved["run_id"] and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mean_auroc")] == list(range(1, EPOCHS + 1))
+    return client, run
+
+
 def test_sigkilled_run_resumes_in_the_same_mlflow_run_and_matches_an_uninterrupted_one(
     results: Path, uninterrupted: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,12 +113,7 @@ def test_sigkilled_run_resumes_in_the_same_mlflow_run_and_matches_an_uninterrupt
     client, (killed,) = mlflow_runs(results)
     assert killed.info.status == "RUNNING" and killed.info.run_id == saved["run_id"]
 
-    assert main(argv) == 0
-    assert f"resuming after epoch {saved['progress']['epochs_done']} of {EPOCHS}" in capsys.readouterr().out
-    assert_same_outcome(summary_row(results), uninterrupted)
-    client, (run,) = mlflow_runs(results)
-    assert run.info.run_id == saved["run_id"] and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mean_auroc")] == list(range(1, EPOCHS + 1))
+    client, run = resume_and_check_it_matches(argv, results, saved, uninterrupted, capsys)
     assert not list((results / "checkpoints").glob("*"))  # removed once the run is over
 
     # Run again: nothing is trained, nothing is logged twice.
@@ -127,12 +137,7 @@ def test_sigtermed_run_ends_killed_with_its_checkpoint_intact_and_the_same_comma
     assert killed.info.status == "KILLED" and killed.info.run_id == saved["run_id"]
     assert killed.data.tags["failure_reason"] == "terminated (SIGTERM)"
 
-    assert main(argv) == 0
-    assert f"resuming after epoch {saved['progress']['epochs_done']} of {EPOCHS}" in capsys.readouterr().out
-    assert_same_outcome(summary_row(results), uninterrupted)
-    client, (run,) = mlflow_runs(results)
-    assert run.info.run_id == saved["run_id"] and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/mean_auroc")] == list(range(1, EPOCHS + 1))
+    resume_and_check_it_matches(argv, results, saved, uninterrupted, capsys)
 
 
 class Payload:

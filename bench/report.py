@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
+from bench.errors import print_error
+
 
 def add_report_parser(commands: Any) -> None:
     """Register the ``report`` subcommand on the ``add_subparsers`` object ``commands``."""
@@ -113,8 +115,7 @@ def report_command(args: argparse.Namespace, console: Console, argv: Sequence[st
         console.print(f"[red]no results:[/] {error}")
         return 2
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+        return print_error(console, error)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"reference method of the tests: {report.stats['reference']} ({report.stats['reference_reason']})")

@@ -63,6 +63,7 @@ from rich.table import Table
 import methods
 import tasks
 from bench.cli import flags_to_layers
+from bench.errors import INPUT_ERRORS, print_error
 from bench.jobs import ClaimOutcome, run_claimed
 from bench.signals import interruption_exit_code, interruption_reason
 from bench.spec import RunSpec, parse_assignments, resolve_spec
@@ -453,9 +454,8 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
                 prepare_study(url, spec, suite, m, spaces[m], trials, options.heartbeat, tracker, full_trials)
                 for m in spec.methods
             ]
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+    except INPUT_ERRORS as error:
+        return print_error(console, error)
     console.print(
         f"tuning {', '.join(spec.methods)} on {spec.task}: {trials} trials each, storage {masked(url)}, "
         f"{options.workers or 1} worker(s); MLflow at {spec.tracking_uri}"
@@ -470,7 +470,7 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
     failures = [message for s in studies if (message := finish_study(s, spec.tracking_uri)) is not None]
     console.print(tuning_table(studies))
     for message in failures:
-        console.print(f"[red]error:[/] {message}")
+        print_error(console, message)
     unfinished = [s.name for s in studies if s.counts()["WAITING"] + s.counts()["RUNNING"]]
     if unfinished:
         console.print(

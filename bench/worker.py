@@ -27,6 +27,7 @@ from typing import Any
 from rich.console import Console
 
 import tasks
+from bench.errors import INPUT_ERRORS, print_error
 from bench.grid import run_grid_cell
 from bench.signals import interruption_exit_code, interruption_reason, interruption_signal
 from bench.spec import RunSpec, resolve_spec
@@ -138,9 +139,8 @@ def worker_command(args: argparse.Namespace, console: Console) -> int:
     try:
         open_storage(args.storage)
         ended = work(args.storage, names, WorkerContext(overrides, console))
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as error:
-        console.print(f"[red]error:[/] {error}")
-        return 2
+    except INPUT_ERRORS as error:
+        return print_error(console, error)
     except KeyboardInterrupt as interrupt:
         console.print(f"[yellow]{interruption_reason(interrupt)}: this worker's trial is queued again[/]")
         return interruption_exit_code(interrupt)

@@ -58,14 +58,16 @@ def test_a_backbone_the_suite_cannot_build_is_refused_before_training(
     assert not (tmp_path / "mlflow.db").exists()  # no run was started
 
 
-@pytest.mark.parametrize("command", ["run", "profile"])
+@pytest.mark.parametrize("command", ["run", "profile", "tune"])
 def test_chestmnist_download_without_medmnist_says_how_to_install_it(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_medmnist: None
 ) -> None:
     argv = [command, "--task", "chestmnist", "--task-opt", "download=true", "--task-opt", f"data_dir={tmp_path}",
             "--methods", "ew"]
-    if command == "run":
+    if command != "profile":
         argv += ["--results", str(tmp_path / "results")]
+    if command == "tune":
+        argv += ["--trials", "1"]
     assert_clear_error(argv, capsys, 'pip install -e ".[chestmnist]"', "download chestmnist.npz from")
 
 

@@ -23,6 +23,7 @@ import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ EXPERIMENT_KIND = "custom_model_development"
 """The experiment type (tag :data:`EXPERIMENT_KIND_TAG`) of model training, as opposed to a GenAI
 application: MLflow 3 UIs that type experiments by this tag open them at their runs, not their
 traces (later ones, 3.17 among them, follow the UI's own GenAI / Model training switch instead)."""
+INPUT_ATTEMPTS = 3
+"""Tries of logging a split as an MLflow input: workers that start at once race to create the same
+data set row, and the loser's transaction fails on the store's unique constraint."""
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -93,6 +97,19 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return flat
+
+
+def _log_input(dataset: MetaDataset, context: str) -> None:
+    """``mlflow.log_input``, tried again when another process created the same data set row at
+    the same moment (the failed transaction is rolled back whole, so nothing is logged twice)."""
+    for attempt in range(1, INPUT_ATTEMPTS + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as error:
+            text = str(error).lower()
+            if attempt == INPUT_ATTEMPTS or ("unique constraint" not in text and "duplicate entry" not in text):
+                raise
 
 
 class Tracker:
@@ -179,7 +196,7 @@ class Tracker:
                 name=f"{identity['suite']}/{split} (n={info['size']})",
                 digest=info["sha256"][:32],
             )
-            mlflow.log_input(dataset, context=split)
+            _log_input(dataset, split)
         mlflow.log_dict(dict(identity), "data_identity.json")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -17,6 +17,9 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import methods
@@ -153,6 +156,46 @@ def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(results: Path) 
         pass
     assert created.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+DIGESTS = {"train": "1" * 64, "val": "2" * 64, "test": "3" * 64}
+IDENTITY = {"suite": TASK, "options": {}, "splits": {s: {"size": 3, "sha256": d} for s, d in DIGESTS.items()}}
+
+
+def test_a_data_set_row_created_by_another_worker_at_once_is_not_a_failure(
+    results: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers that start at once race to create the same data set row in the MLflow store; the
+    loser's insert fails on the unique constraint. That is tried again, not a failed cell."""
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    client, log_input, raced = MlflowClient(tracking_uri=uri), mlflow.log_input, []
+
+    def racing_log_input(dataset: MetaDataset, context: str) -> None:
+        if context not in raced:  # the other worker creates the row between our look-up and insert
+            raced.append(context)
+            other = client.create_run(tracker.experiment_id)
+            client.log_inputs(other.info.run_id, [DatasetInput(dataset._to_mlflow_entity(), [])])
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+        log_input(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing_log_input)
+    with Tracker(uri, TASK, results) as tracker:
+        run_id = tracker.start_run("race", {}, {})
+        tracker.log_data_identity(IDENTITY)
+        tracker.end_run("FINISHED")
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.digest for i in inputs) == sorted(d[:32] for d in DIGESTS.values())  # each once
+
+    def failing_log_input(dataset: object, context: str) -> None:
+        raise MlflowException("the store is read-only")
+
+    monkeypatch.setattr(mlflow, "log_input", failing_log_input)
+    with Tracker(uri, TASK, results) as tracker, pytest.raises(MlflowException, match="read-only"):
+        tracker.start_run("broken", {}, {})
+        try:
+            tracker.log_data_identity(IDENTITY)
+        finally:
+            tracker.end_run("FAILED")
 
 
 def test_config_file_with_flag_override(tmp_path: Path) -> None:

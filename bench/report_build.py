@@ -437,12 +437,9 @@ class _Builder:
         cost = self.results.cost()
         if cost.empty:
             return pd.DataFrame()
-        frame = cost.pivot_table(
-            index=["dataset", "method"],
-            columns="metric",
-            values="value",
-            aggfunc=["mean", "std", "min", "max", "count"],
-        )
+        # groupby keeps the all-NaN std of one-seed results (pivot_table would drop that column)
+        statistics = cost.groupby(["dataset", "method", "metric"])["value"].agg(["mean", "std", "min", "max", "count"])
+        frame = statistics.unstack("metric")
         order = [(d, m) for d in self.datasets for m in self.methods if (d, m) in frame.index]
         return frame.reindex(order)
 

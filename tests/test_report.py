@@ -358,3 +358,16 @@ def test_a_baseline_scoring_zero_leaves_delta_m_out_with_a_warning(
     summary = json.loads((tmp_path / "out" / "stats.json").read_text())["tables"]["summary"]
     assert not any(key.startswith("delta_m_vs_ew") for key in summary[0])
     assert "Δm% vs ew" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_one_seed_per_method_gives_a_cost_table_without_spread(tmp_path: Path) -> None:
+    """With one seed every cost std is undefined; the cost table shows the means alone."""
+    rows = [
+        (m, "suite", "0", metric, value)
+        for i, m in enumerate(("ew", "uw", "mgda"))
+        for metric, value in (("acc", 0.5 + 0.1 * i), ("cost/step_ms", 10.0 + i), ("cost/timed_steps", 6))
+    ]
+    csv = write_csv(tmp_path / "one_seed.csv", rows)
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| ew | 1 | 10.0 | 1.00 | 6 |" in markdown and "| mgda | 1 | 12.0 | 1.20 | 6 |" in markdown

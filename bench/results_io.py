@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import tasks
 from bench.stats import family_of, task_of
-from bench.tracking import TUNED_FROM_TAG, TUNING_STUDY_TAG, experiment_name
+from bench.tracking import TUNED_FROM_TAG, TUNING_STUDY_TAG, experiment_name, first_contact
 
 LONG_COLUMNS = ("method", "dataset", "seed", "metric", "value")
 COST_PREFIX = "cost/"
@@ -190,7 +190,8 @@ def load_mlflow(tracking_uri: str, experiments: Sequence[str] | None = None) -> 
             "--results, --tracking-uri or --from at existing results"
         )
     client = MlflowClient(tracking_uri=tracking_uri)
-    names_by_id = _experiments(client, tracking_uri, experiments)
+    with first_contact(tracking_uri):  # a tracking server that is down fails in seconds
+        names_by_id = _experiments(client, tracking_uri, experiments)
     names = list(names_by_id.values())
     finished = _finished_runs(client, list(names_by_id)) if names_by_id else []
     runs = [run for run in finished if TUNING_STUDY_TAG not in run.data.tags]

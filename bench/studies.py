@@ -29,10 +29,11 @@ import json
 import os
 import socket
 import threading
+import urllib.parse
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ from optuna.storages import (
 )
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+
+from bench.stores import creating_store
 
 DEFAULT_HEARTBEAT_SECONDS = 30
 GRACE_HEARTBEATS = 3
@@ -73,6 +76,14 @@ CONNECT_ARGS: dict[str, dict[str, Any]] = {
     "mysql": {"connect_timeout": 10},
 }
 """Database driver options by SQLAlchemy backend name."""
+
+DRIVER_PACKAGES = {
+    "psycopg": "'psycopg[binary]' (or this project's [postgresql] extra)",
+    "psycopg2": "psycopg2-binary",
+    "pymysql": "pymysql",
+    "MySQLdb": "mysqlclient",
+}
+"""What to ``pip install`` for a database driver module that is missing."""
 
 _OPEN: dict[tuple[str, int | None], BaseStorage] = {}
 
@@ -126,21 +137,20 @@ def _open_journal(path_text: str, must_exist: bool) -> BaseStorage:
 
 
 def _open_database(url: str, heartbeat: int | None, must_exist: bool) -> BaseStorage:
+    parsed = _database_url(url)
     shown = masked(url)
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise ValueError(f"storage {shown!r} is not a database URL, e.g. sqlite:///results/optuna.db") from None
     backend = parsed.get_backend_name()
+    database = None
     if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
         database = Path(parsed.database)
         if must_exist and not database.is_file():
             raise ValueError(f"no Optuna storage at {database}; check --storage (or run `python -m bench tune` first)")
-        database.parent.mkdir(parents=True, exist_ok=True)
     if backend == "postgresql" and parsed.get_driver_name() == "psycopg2" and not _importable("psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, the driver this project installs
+    _check_driver(parsed, shown)
     try:
-        with warnings.catch_warnings():
+        # One process at a time creates a SQLite storage's tables (Optuna's migrations).
+        with creating_store(database) if database is not None else nullcontext(), warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             return RDBStorage(
                 parsed.render_as_string(hide_password=False),
@@ -151,18 +161,55 @@ def _open_database(url: str, heartbeat: int | None, must_exist: bool) -> BaseSto
                 if heartbeat is None
                 else RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
             )
-    except ModuleNotFoundError as error:
-        raise ValueError(
-            f"storage {shown}: the database driver {error.name!r} is not installed; for PostgreSQL "
-            "install psycopg (pip install 'psycopg[binary]', or this project's [postgresql] extra)"
-        ) from None
-    except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as error:
+    except sqlalchemy.exc.ArgumentError as error:
         raise ValueError(f"storage {shown}: {error}") from None
     except sqlalchemy.exc.OperationalError as error:
         reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else str(error)
         raise ConnectionError(
             f"cannot open the Optuna storage {shown}: {reason}. Check the host, port, user, password "
             "and database name in the URL, and that the database server is running and reachable"
+        ) from None
+
+
+def _database_url(url: str) -> sqlalchemy.engine.URL:
+    """``url`` parsed; a ValueError that says how to write it when it is not a database URL,
+    its port is not a number, or it names PostgreSQL ``postgres`` (SQLAlchemy's name is
+    ``postgresql``). No message shows the password."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(f"storage {masked(url)!r} is not a database URL, e.g. sqlite:///results/optuna.db") from None
+    except ValueError:  # SQLAlchemy reads the port with int()
+        host_and_port = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+        raise ValueError(
+            f"storage URL: the port in {host_and_port!r} is not a number; write HOST:PORT with the port in "
+            "digits, e.g. postgresql://USER:PASSWORD@db-host:5432/DB"
+        ) from None
+    dialect, plus, driver = parsed.drivername.partition("+")
+    if dialect == "postgres":
+        fixed = parsed.set(drivername=f"postgresql{plus}{driver}")
+        raise ValueError(
+            f"storage {masked(url)}: SQLAlchemy names PostgreSQL 'postgresql', not 'postgres': use "
+            f"{fixed.render_as_string(hide_password=True)}"
+        )
+    return parsed
+
+
+def _check_driver(parsed: sqlalchemy.engine.URL, shown: str) -> None:
+    """A ValueError naming what to install when the database dialect or driver of ``parsed``
+    (shown as ``shown``) cannot be loaded."""
+    try:
+        parsed.get_dialect().import_dbapi()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ValueError(
+            f"storage {shown}: SQLAlchemy has no database dialect {parsed.drivername!r}; use sqlite:///PATH, "
+            "postgresql://USER:PASSWORD@HOST:PORT/DB, mysql+pymysql://USER:PASSWORD@HOST:PORT/DB or a PATH.log journal"
+        ) from None
+    except ImportError as error:
+        module = error.name or parsed.get_driver_name()
+        raise ValueError(
+            f"storage {shown}: the database driver {module!r} is not installed; "
+            f"pip install {DRIVER_PACKAGES.get(module, module)}"
         ) from None
 
 

@@ -197,7 +197,9 @@ def train_run(
 
     A non-finite loss ends the run as FAILED (the reason logged) and returns; Ctrl-C or
     SIGTERM (:mod:`bench.signals`) ends it as KILLED and re-raises; any other error ends it
-    as FAILED and re-raises.
+    as FAILED and re-raises. A store that cannot record the end (it stayed locked, it failed)
+    adds a note to the error rather than replacing it, and the next run can still start
+    (:meth:`Tracker.end_run`).
 
     Runs are crash-safe (:mod:`bench.resume`): if this MLflow experiment holds a run with the
     same key (configuration and ``identity``) that finished or diverged, its result is
@@ -274,22 +276,21 @@ def train_run(
             _test(spec, suite, model, loaders["test"], device, tracker, result)
     except methods.NonFiniteLossError as error:
         result.status, result.reason = "FAILED", str(error)
-        tracker.set_tags({DIVERGED_TAG: "true"})
-        tracker.end_run("FAILED", str(error))
+        tracker.end_run("FAILED", str(error), tags={DIVERGED_TAG: "true"})
         checkpoint.remove()
         return result
     except StopTraining as stop:
         result.status, result.reason = "KILLED", str(stop)
-        tracker.end_run("KILLED", result.reason)
+        tracker.end_run_after(stop, "KILLED", result.reason)
         checkpoint.remove()
         raise
     except KeyboardInterrupt as interrupt:
         result.status, result.reason = "KILLED", interruption_reason(interrupt)
-        tracker.end_run("KILLED", result.reason)
+        tracker.end_run_after(interrupt, "KILLED", result.reason)
         raise
     except BaseException as error:
         result.status, result.reason = "FAILED", f"{type(error).__name__}: {error}"
-        tracker.end_run("FAILED", result.reason)
+        tracker.end_run_after(error, "FAILED", result.reason)
         raise
     result.status = "FINISHED"
     tracker.end_run("FINISHED")

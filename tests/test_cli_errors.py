@@ -15,8 +15,9 @@ SMALL_CXR = ["--task", "cxr14-synthetic", "--task-opt", "n_images=700", "--batch
 """A cxr14-synthetic suite that builds in seconds."""
 
 
-def assert_clear_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
-    """``main(argv)`` exits with 2 and prints every fragment (line breaks ignored) and no traceback."""
+def assert_clear_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+    """``main(argv)`` exits with 2 and prints every fragment (line breaks ignored) and no traceback;
+    returns what it printed, line breaks as spaces."""
     code = main(argv)
     captured = capsys.readouterr()
     printed = " ".join(captured.out.split())
@@ -24,6 +25,7 @@ def assert_clear_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fra
     for fragment in fragments:
         assert fragment in printed
     assert "Traceback" not in captured.out + captured.err
+    return printed
 
 
 def command_options(command: str, results: Path) -> list[str]:
@@ -112,7 +114,9 @@ def test_report_on_an_unreachable_tracking_server(
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     argv = ["report", "--results", str(tmp_path), "--tracking-uri", "http://127.0.0.1:9"]
-    assert_clear_error(argv, capsys, "Check --results or --tracking-uri", "that it is running")
+    assert_clear_error(
+        argv, capsys, "the MLflow tracking server http://127.0.0.1:9 failed at the first request", "that the server is running"
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,3 +134,19 @@ def test_tune_bad_input(argv: list[str], fragment: str, tmp_path: Path, capsys: 
 
 def test_worker_on_an_unknown_storage_scheme(capsys: pytest.CaptureFixture[str]) -> None:
     assert_clear_error(["worker", "--storage", "nosuch://host/db"], capsys, "storage nosuch://host/db")
+
+
+@pytest.mark.parametrize(
+    ("storage", "fragment"),
+    [
+        ("postgres://bench:secret@localhost/optuna", "not 'postgres': use postgresql://bench:***@localhost/optuna"),
+        ("postgresql://bench:secret@localhost:54x2/optuna", "the port in 'localhost:54x2' is not a number"),
+        ("mysql+pymysql://bench:secret@localhost/optuna", "the database driver 'pymysql' is not installed; pip install pymysql"),
+    ],
+)
+def test_a_storage_url_that_cannot_work_says_how_to_write_it(
+    storage: str, fragment: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pymysql", None)  # as where PyMySQL is not installed
+    printed = assert_clear_error(["worker", "--storage", storage], capsys, fragment)
+    assert "secret" not in printed

@@ -1,0 +1,275 @@
+"""Fault injection: what the harness guarantees when a store, a worker or the data fails.
+
+Each block tests one area; docs/faults.md lists every fault tried and the guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+from mlflow.tracking import MlflowClient
+
+import bench.runner
+from bench.cli import main
+from bench.runner import summary_files
+from bench.stores import STORE_WAIT_ENV
+from bench.tracking import Tracker, experiment_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- Stores: locked, slow, unreachable, or created by two processes at once (issue 14, items 1, 7, 8) ---
+
+STORE_TASK = "cxr14-synthetic"
+TWO_RUNS = [
+    "run", "--methods", "ew", "--seeds", "0,1", "--task", STORE_TASK, "--task-opt", "n_images=140",
+    "--task-opt", "min_positives=1", "--image-size", "16", "--batch-size", "64", "--epochs", "2",
+    "--device", "cpu", "--no-checkpoint",
+]  # fmt: skip
+"""A sweep of two runs, one training step per epoch."""
+MLFLOW_BUSY_TIMEOUT = "busy_timeout = 20000"
+"""What MLflow sets in every SQLite session: wait 20 s for a lock before ``database is locked``."""
+
+
+@pytest.fixture
+def short_sqlite_busy_timeout() -> Iterator[None]:
+    """MLflow's SQLite sessions wait 200 ms for a lock instead of 20 s, so that a lock fails
+    MLflow's calls within a test's time; the harness's own, longer wait is what is tested."""
+
+    def shorten(
+        connection: object, cursor: object, statement: str, parameters: object, context: object, executemany: bool
+    ) -> tuple[str, object]:
+        return statement.replace(MLFLOW_BUSY_TIMEOUT, "busy_timeout = 200"), parameters
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", shorten, retval=True)
+    yield
+    sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", shorten)
+
+
+class StoreLock:
+    """Another connection that holds a SQLite file in ``BEGIN EXCLUSIVE``: no one else reads or
+    writes it until :meth:`release`, or for ``hold_seconds`` when set. Taken once, when the
+    sweep logs its first epoch's metrics."""
+
+    def __init__(self, database: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.connection = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        self.hold_seconds: float | None = None
+        self.taken = False
+        self.held = False
+        self._guard = threading.Lock()
+        log_metrics = Tracker.log_metrics
+
+        def log_metrics_under_lock(tracker: Tracker, metrics: dict, step: int | None = None) -> None:
+            if not self.taken:
+                self.hold()
+            log_metrics(tracker, metrics, step)
+
+        monkeypatch.setattr(Tracker, "log_metrics", log_metrics_under_lock)
+
+    def hold(self) -> None:
+        with self._guard:
+            self.connection.execute("BEGIN EXCLUSIVE")
+            self.taken = self.held = True
+        if self.hold_seconds is not None:
+            threading.Timer(self.hold_seconds, self.release).start()
+
+    def release(self) -> None:
+        with self._guard:
+            if self.held:
+                self.connection.execute("ROLLBACK")
+                self.held = False
+
+    def close(self) -> None:
+        self.release()
+        self.connection.close()
+
+
+@pytest.fixture
+def store_lock(results: Path, monkeypatch: pytest.MonkeyPatch, short_sqlite_busy_timeout: None) -> Iterator[StoreLock]:
+    lock = StoreLock(results / "mlflow.db", monkeypatch)
+    yield lock
+    lock.close()
+
+
+def sweep_runs(results: Path) -> dict[int, dict]:
+    """The runs of the latest summary by seed."""
+    runs = json.loads(summary_files(results, STORE_TASK)[-1].with_suffix(".json").read_text())["runs"]
+    return {run["seed"]: run for run in runs}
+
+
+def mlflow_statuses(results: Path) -> dict[str, str]:
+    """MLflow run name -> status."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment_name(STORE_TASK))
+    return {run.info.run_name: run.info.status for run in client.search_runs([experiment.experiment_id])}
+
+
+def test_a_store_locked_for_seconds_during_a_sweep_is_waited_for(
+    results: Path, store_lock: StoreLock, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(STORE_WAIT_ENV, "30")
+    store_lock.hold_seconds = 2.0
+    assert main([*TWO_RUNS, "--results", str(results)]) == 0
+    captured = capsys.readouterr()
+    assert store_lock.taken
+    store = f"MLflow tracking store sqlite:///{(results / 'mlflow.db').resolve()}"
+    assert f"{store} is locked by another process; waiting" in captured.err
+    assert {seed: run["status"] for seed, run in sweep_runs(results).items()} == {0: "FINISHED", 1: "FINISHED"}
+    assert mlflow_statuses(results) == {"ew-seed0": "FINISHED", "ew-seed1": "FINISHED"}
+
+
+def test_a_store_locked_past_the_wait_fails_that_run_alone_and_names_the_store(
+    results: Path, store_lock: StoreLock, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(STORE_WAIT_ENV, "1")
+    train_run = bench.runner.train_run
+
+    def release_when_the_next_run_starts(*args: object, **kwargs: object) -> object:
+        store_lock.release()
+        return train_run(*args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "train_run", release_when_the_next_run_starts)
+    assert main([*TWO_RUNS, "--results", str(results)]) == 1  # one run crashed
+    printed = capsys.readouterr()
+    runs = sweep_runs(results)
+    store = f"MLflow tracking store sqlite:///{(results / 'mlflow.db').resolve()}"
+    assert runs[0]["status"] == "FAILED"
+    assert runs[0]["reason"].startswith(f"StoreLockedError: the {store} is locked by another process")
+    assert STORE_WAIT_ENV in runs[0]["reason"]
+    assert runs[1]["status"] == "FINISHED"
+    assert mlflow_statuses(results)["ew-seed1"] == "FINISHED"
+    assert "already active" not in printed.out + printed.err
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _bench(argv: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench argv`` in a process of its own, without MLflow's HTTP retry settings."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    environment.update(PYTHONPATH=str(REPO), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *argv],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_an_unreachable_tracking_server_is_an_error_in_seconds(command: str, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    argv = [*TWO_RUNS, "--results", str(tmp_path)] if command == "run" else ["report", "--results", str(tmp_path)]
+    started = time.monotonic()
+    done = _bench([*argv, "--tracking-uri", uri], timeout=120)  # MLflow's own retries take about 4 minutes
+    printed = " ".join(done.stdout.split())
+    assert done.returncode == 2, printed + done.stderr
+    assert f"error: the MLflow tracking server {uri} failed at the first request" in printed
+    assert "Traceback" not in done.stdout + done.stderr
+    assert time.monotonic() - started < 90
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_tracking_server_that_never_answers_is_an_error_after_its_timeout(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        done = _bench(
+            ["report", "--results", str(tmp_path), "--tracking-uri", uri], timeout=90, MLFLOW_HTTP_REQUEST_TIMEOUT="2"
+        )
+    printed = " ".join(done.stdout.split())
+    assert done.returncode == 2, printed + done.stderr
+    assert f"the MLflow tracking server {uri} failed at the first request" in printed
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT (seconds, 2 here)" in printed
+
+
+class _SlowEmptyServer(BaseHTTPRequestHandler):
+    """An MLflow server that holds no experiment and answers each request after 2.5 s."""
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        time.sleep(2.5)
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_slow_tracking_server_is_reported_as_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(variable, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowEmptyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["report", "--results", str(tmp_path), "--tracking-uri", uri]) == 2  # no runs there
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capsys.readouterr()
+    assert "no FINISHED runs" in " ".join(captured.out.split())
+    assert f"the MLflow tracking server {uri} is slow: its first answer took" in captured.err
+
+
+OPEN_BOTH_STORES = """
+import sys, time
+from pathlib import Path
+from bench.studies import default_storage, open_storage
+from bench.tracking import Tracker
+results, go = Path(sys.argv[1]), Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+with Tracker(f"sqlite:///{results / 'mlflow.db'}", "cxr14-synthetic", results):
+    open_storage(default_storage(results))
+"""
+
+
+def test_two_commands_on_a_fresh_results_folder_create_each_store_once(tmp_path: Path) -> None:
+    results, go = tmp_path / "results", tmp_path / "go"
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_BOTH_STORES, str(results), str(go)],
+            cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline().strip() == "ready"  # both have imported everything
+        go.touch()  # both open the stores now
+        outcomes = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, errors) in zip(processes, outcomes):
+        assert process.returncode == 0, errors
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    assert client.get_experiment_by_name(experiment_name(STORE_TASK)) is not None
+    assert optuna.get_all_study_summaries(f"sqlite:///{results / 'optuna.db'}") == []

@@ -13,6 +13,7 @@ their ``test/<metric>`` become ``<metric>`` and their ``summary/<cost>`` become 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -252,14 +253,25 @@ def read_long_csv(path: str | Path) -> Results:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a column is missing, a value is not a number, or a (method, dataset,
-            seed, metric) appears twice.
-        NoResultsError: the file has no row with a value.
+        ValueError: the file does not parse as a CSV, a column is missing, a value is not a
+            finite number, or a (method, dataset, seed, metric) appears twice.
+        NoResultsError: the file is empty or has no row with a value.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no results CSV at {path}")
-    frame = pd.read_csv(path, dtype={c: str for c in LONG_COLUMNS if c != "value"}, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype={c: str for c in LONG_COLUMNS if c != "value"}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise NoResultsError(
+            f"{path} is empty; a results CSV has the header line {','.join(LONG_COLUMNS)} and one row per "
+            "method, data set, seed and metric"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} does not read as a CSV ({' '.join(str(error).split())}); a results CSV has the columns "
+            f"{','.join(LONG_COLUMNS)}, comma-separated, one row per method, data set, seed and metric"
+        ) from None
     missing = [c for c in LONG_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(
@@ -274,8 +286,13 @@ def read_long_csv(path: str | Path) -> Results:
     bad = frame.index[values.isna() & ~empty]
     if len(bad):
         raise ValueError(
-            f"{path}: the value column must hold numbers; CSV line(s) {', '.join(str(i + 2) for i in bad[:10])} "
-            f"do not (e.g. {text[bad[0]]!r})"
+            f"{path}: the value column must hold numbers; CSV line(s) {_csv_lines(bad)} do not (e.g. {text[bad[0]]!r})"
+        )
+    infinite = frame.index[values.isin([math.inf, -math.inf])]
+    if len(infinite):
+        raise ValueError(
+            f"{path}: the value column must hold finite numbers; CSV line(s) {_csv_lines(infinite)} hold "
+            f"{text[infinite[0]]!r}, which would rank as the best or worst result: fix or remove those rows"
         )
     frame = frame.assign(value=values)
     results = Results(long=frame[~empty].reset_index(drop=True), source=f"the results CSV {path}")
@@ -291,6 +308,11 @@ def read_long_csv(path: str | Path) -> Results:
     if results.long.empty:
         raise NoResultsError(f"{path} holds no row with a value")
     return results
+
+
+def _csv_lines(rows: pd.Index) -> str:
+    """The line numbers in the CSV file of the data ``rows`` (the header is line 1), the first 10."""
+    return ", ".join(str(i + 2) for i in rows[:10])
 
 
 def write_long_csv(results: Results, path: str | Path) -> Path:

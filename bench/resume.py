@@ -14,7 +14,8 @@ random state, e.g. PCGrad's task order), optimizer and scheduler state, the rand
 Python, NumPy, torch (CPU and CUDA) and of the training data loader's generator, and the
 progress so far (best validation value and state, accumulated timing). It is written to a
 temporary file in the same directory and moved into place with ``os.replace``, which is
-atomic on POSIX and Windows: a crash while writing leaves the previous checkpoint intact.
+atomic on POSIX and Windows: a crash while writing leaves the previous checkpoint intact, and
+the temporary file it leaves is deleted when the run starts or resumes.
 Resuming on a CPU therefore reproduces an uninterrupted run exactly.
 
 The checkpoint holds only tensors, numbers, strings, ``None`` and lists, tuples and dicts of
@@ -198,6 +199,16 @@ class EpochCheckpoint:
     def remove(self) -> None:
         """Delete the checkpoint (once its run is over)."""
         self.path.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files (``.<run key>.pt.*.tmp``, each as large as a checkpoint) that
+        writes of this run's checkpoint left behind when killed before their ``os.replace``.
+
+        Called when the run starts or resumes, before it writes a checkpoint itself; the
+        temporary files of other run keys (other processes' writes in flight) are left alone.
+        """
+        for temporary in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            temporary.unlink(missing_ok=True)
 
 
 def _why_not_loaded(error: Exception) -> str:

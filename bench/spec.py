@@ -8,7 +8,9 @@ command-line flags. The resolved spec is validated up front and saved with every
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,10 @@ from methods.base import resolve_hparams
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULERS = ("none", "cosine", "step")
+MAX_SEED = 2**32 - 1
+"""The largest seed: NumPy's ``np.random.seed`` takes seeds from 0 to ``2**32 - 1``."""
+MIN_BATCH_SIZE = 2
+"""The smallest training batch: every backbone normalises with BatchNorm, which cannot train on one item."""
 
 RUN_DEFAULTS: dict[str, Any] = {
     "methods": "all",
@@ -89,20 +95,47 @@ class RunSpec:
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) run spec; keys may use '-' or '_'."""
+    """Read a YAML (.yaml/.yml) or TOML (.toml) run spec; keys may use '-' or '_'.
+
+    A file that does not parse, whose top level is not a mapping, or whose keys are not names
+    or name one option twice (``batch-size`` and ``batch_size``) is an error naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"config file {path}: expected a .yaml, .yml or .toml file")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {path} is not valid TOML: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from None
+    if data is None:  # an empty YAML file
+        return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of run options at the top")
-    return {key.replace("-", "_"): value for key, value in data.items()}
+    options: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ValueError(
+                f"config file {path}: {key!r} is not an option name; run options are names such as batch_size"
+            )
+        name = key.replace("-", "_")
+        if name in spelled:
+            raise ValueError(f"config file {path} gives {name} twice, as {spelled[name]} and {key}: keep one")
+        spelled[name], options[name] = key, value
+    return options
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what PyYAML's ``error`` is, on one line."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"  # type: ignore[attr-defined]
 
 
 def parse_assignments(items: list[str], what: str) -> dict[str, str]:
@@ -147,36 +180,88 @@ def _merge_nested(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[
     return merged
 
 
-def _as_list(value: Any, kind: type, what: str) -> list[Any]:
+def _as_list(value: Any) -> list[Any]:
+    """A comma-separated string (items stripped, empty ones dropped), a list or tuple, or one value, as a list."""
     if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    elif not isinstance(value, (list, tuple)):
-        value = [value]
-    try:
-        return [kind(v.strip()) if isinstance(v, str) else kind(v) for v in value]
-    except ValueError:
-        raise ValueError(f"{what}: expected a comma-separated list of {kind.__name__}, got {value!r}") from None
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an ``int`` when it is one (a bool is not) or a string of digits; else ``None``.
+
+    A float is not a whole number here, even ``2.0``: ``seeds: [0, 1.7]`` must not become seed 1.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    return None
 
 
 def _positive_int(value: Any, flag: str) -> int:
     """``value`` as an integer >= 1 (strings of digits accepted), or an error naming ``flag``."""
-    whole = isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
-    if isinstance(value, bool) or not whole or int(value) < 1:
+    whole = _whole(value)
+    if whole is None or whole < 1:
         raise ValueError(f"{flag}: expected a positive integer, got {value!r}")
-    return int(value)
+    return whole
 
 
-def _number(value: Any, flag: str) -> float:
+def _finite_number(value: Any, flag: str) -> float:
+    """``value`` as a finite float (a number or a numeric string; a bool is not), or an error naming ``flag``."""
     try:
-        return float(value)
+        number = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{flag}: expected a number, got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{flag}: expected a finite number, got {value!r}")
+    return number
+
+
+def _boolean(value: Any, key: str) -> bool:
+    """``value`` when it is ``True`` or ``False``; text such as ``"no"`` is an error, never read as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false (unquoted in YAML and TOML), got {value!r}")
+    return value
+
+
+def _text(value: Any, flag: str) -> str:
+    """``value`` when it is a string, or an error naming ``flag``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{flag}: expected text, got {value!r}")
+    return value
+
+
+def _optional_text(value: Any, flag: str) -> str | None:
+    """``value`` when it is a string or ``None`` (not given), or an error naming ``flag``."""
+    return None if value is None else _text(value, flag)
+
+
+def resolve_seeds(value: Any) -> list[int]:
+    """``--seeds`` (a comma-separated string or a list) as distinct whole numbers from 0 to :data:`MAX_SEED`."""
+    seeds: list[int] = []
+    for item in _as_list(value):
+        seed = _whole(item)
+        if seed is None:
+            raise ValueError(f"--seeds: {item!r} is not a whole number; give seeds such as 0,1,2")
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"--seeds: {seed} is out of range; a seed is a whole number from 0 to {MAX_SEED}")
+        if seed in seeds:
+            raise ValueError(f"--seeds: {seed} is given twice; give distinct seeds")
+        seeds.append(seed)
+    if not seeds:
+        raise ValueError("--seeds is empty; give a comma-separated list, e.g. 0,1,2")
+    return seeds
 
 
 def resolve_methods(value: Any) -> list[str]:
     """``all`` -> every native method, ``libmtl:all`` -> every LibMTL one; otherwise a validated
     list (``libmtl:<name>`` allowed), in order, without repeats."""
-    names = _as_list(value, str, "--methods")
+    names = [str(name).strip() for name in _as_list(value)]
     every = {
         "all": methods.available(),
         "libmtl:all": [n for n in methods.available(include_libmtl=True) if n.startswith("libmtl:")],
@@ -247,6 +332,9 @@ def resolve_spec(
                     raise ValueError("hparams must map each method to a mapping of name: value")
                 layered[key] = _merge_nested(layered.get(key, {}), value)
             elif key == "task_options":
+                odd = [name for name in value if not isinstance(name, str)]
+                if odd:
+                    raise ValueError(f"task_options: {odd[0]!r} is not an option name; see python -m bench list")
                 layered[key] = {**layered.get(key, {}), **value}
             else:
                 layered[key] = value
@@ -258,17 +346,21 @@ def resolve_spec(
         )
     if "task" not in layered:
         raise ValueError(f"no task given: use --task NAME; valid: {', '.join(tasks.available())}")
-    task = str(layered["task"])
+    task = _text(layered["task"], "--task")
     suite_defaults = tasks.run_defaults(task)
     values = {**RUN_DEFAULTS, **suite_defaults, **layered}
 
     chosen_methods = resolve_methods(values["methods"])
-    seeds = _as_list(values["seeds"], int, "--seeds")
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: expected distinct non-negative integers, got {seeds}")
+    seeds = resolve_seeds(values["seeds"])
     epochs = _positive_int(values["epochs"], "--epochs")
     batch_size = _positive_int(values["batch_size"], "--batch-size")
-    lr, weight_decay = _number(values["lr"], "--lr"), _number(values["weight_decay"], "--weight-decay")
+    if batch_size < MIN_BATCH_SIZE:
+        raise ValueError(
+            f"--batch-size {batch_size}: every backbone normalises with BatchNorm, which cannot train on a batch "
+            f"of one; use --batch-size {MIN_BATCH_SIZE} or more"
+        )
+    lr = _finite_number(values["lr"], "--lr")
+    weight_decay = _finite_number(values["weight_decay"], "--weight-decay")
     if not lr > 0:
         raise ValueError(f"--lr: expected a positive number, got {lr}")
     if weight_decay < 0:
@@ -278,14 +370,15 @@ def resolve_spec(
     if values["scheduler"] not in SCHEDULERS:
         raise ValueError(f"--scheduler {values['scheduler']!r}: valid: {', '.join(SCHEDULERS)}")
     lr_step_size = _positive_int(values["lr_step_size"], "--lr-step-size")
-    lr_gamma = _number(values["lr_gamma"], "--lr-gamma")
+    lr_gamma = _finite_number(values["lr_gamma"], "--lr-gamma")
     if not 0 < lr_gamma <= 1:
         raise ValueError(f"--lr-gamma: expected a number in (0, 1], got {lr_gamma}")
 
-    backbone = check_backbone(task, str(values["backbone"]))
-    parsed_device = resolve_device(values["device"])
+    backbone = check_backbone(task, _text(values["backbone"], "--backbone"))
+    parsed_device = resolve_device(_optional_text(values["device"], "--device"))
     grad_level = check_grad_level(values["grad_level"], chosen_methods)
-    amp = bool(values["amp"])
+    amp = _boolean(values["amp"], "amp")
+    save_checkpoint = _boolean(values["save_checkpoint"], "save_checkpoint")
     if amp and parsed_device.type != "cuda":
         raise ValueError(f"--amp needs a CUDA device (bf16 autocast); this run is on {parsed_device}")
 
@@ -301,9 +394,9 @@ def resolve_spec(
             k: v for k, v in resolve_hparams(method, declared, given).items() if k in given
         }
 
-    results = Path(values["results"])
+    results = Path(_text(values["results"], "--results"))
     tracking_uri = (
-        values["tracking_uri"]
+        _optional_text(values["tracking_uri"], "--tracking-uri")
         or os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{(results / 'mlflow.db').resolve()}"
     )
@@ -321,7 +414,7 @@ def resolve_spec(
         device=str(parsed_device),
         results=results,
         tracking_uri=str(tracking_uri),
-        save_checkpoint=bool(values["save_checkpoint"]),
+        save_checkpoint=save_checkpoint,
         task_options=dict(values.get("task_options") or {}),
         hparams=hparams,
         lr_step_size=lr_step_size,

@@ -15,7 +15,7 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,14 @@ def _loaders(spec: RunSpec, suite: TaskSuite, seed: int) -> dict[str, DataLoader
     }
 
 
+def _log_new_metrics(tracker: Tracker, metrics: Mapping[str, float], logged_metrics: Collection[str]) -> None:
+    """Log the run-level ``metrics`` that are not among ``logged_metrics``: a resumed final phase
+    (killed after logging some of them) logs each ``summary/*`` and ``test/*`` metric once."""
+    new = {key: value for key, value in metrics.items() if key not in logged_metrics}
+    if new:
+        tracker.log_metrics(new)
+
+
 def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in values.items()}
 
@@ -226,6 +234,7 @@ def train_run(
 
     key = run_key(_run_config(spec, suite, method, seed), identity)
     checkpoint = EpochCheckpoint(spec.results, key)
+    checkpoint.remove_stale_temporaries()
     earlier = tracker.find_run(RUN_KEY_TAG, key)
     if earlier is not None and (
         earlier.info.status == "FINISHED" or earlier.data.tags.get(DIVERGED_TAG) == "true"
@@ -234,6 +243,7 @@ def train_run(
         tqdm.write(f"{method_name} seed {seed}: done earlier in MLflow run {earlier.info.run_id}; not trained again")
         return result_from_run(earlier, method_name, seed, suite.primary_metric)
     earlier, saved, logged_epochs = _continuation(tracker, checkpoint, earlier, f"{method_name} seed {seed}")
+    logged_metrics = set() if earlier is None else set(earlier.data.metrics)
 
     params = {
         **{k: v for k, v in spec.to_dict().items() if k not in ("methods", "seeds", "hparams", "task_options")},
@@ -269,11 +279,11 @@ def train_run(
         run_progress = RunProgress(method_name, seed, suite.primary_metric, spec.epochs, progress.epochs_done, sweep)
         try:
             _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result,
-                 progress, checkpoint, logged_epochs, run_progress, on_epoch)
+                 progress, checkpoint, logged_epochs, logged_metrics, run_progress, on_epoch)
         finally:
             run_progress.close()
         if evaluate_test:
-            _test(spec, suite, model, loaders["test"], device, tracker, result)
+            _test(spec, suite, model, loaders["test"], device, tracker, result, logged_metrics)
     except methods.NonFiniteLossError as error:
         result.status, result.reason = "FAILED", str(error)
         tracker.end_run("FAILED", str(error), tags={DIVERGED_TAG: "true"})
@@ -396,12 +406,14 @@ def _fit(
     progress: FitProgress,
     checkpoint: EpochCheckpoint,
     logged_epochs: set[int],
+    logged_metrics: Collection[str],
     run_progress: RunProgress,
     on_epoch: Callable[[int, float], None] | None,
 ) -> None:
     """Train the epochs after ``progress.epochs_done``; after each, write the epoch checkpoint,
     then log the epoch (unless it is among ``logged_epochs``), then report it to
-    ``run_progress`` and ``on_epoch``."""
+    ``run_progress`` and ``on_epoch``. At the end log the ``summary/*`` metrics (those not
+    among ``logged_metrics``, the run's metrics before it resumed) and the best checkpoint."""
     device = torch.device(spec.device)
     timer = PhaseTimer(device)
     # The NaN check reads the losses on the host: free on a CPU, a synchronisation per step on
@@ -517,7 +529,7 @@ def _fit(
         f"summary/best_val_{suite.primary_metric}": best_value,
         **{f"summary/{phase}_ms": ms for phase, ms in result.ms_per_step.items()},
     }
-    tracker.log_metrics(summary)
+    _log_new_metrics(tracker, summary, logged_metrics)
     if spec.save_checkpoint:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "best_checkpoint.pt"
@@ -533,10 +545,13 @@ def _test(
     device: torch.device,
     tracker: Tracker,
     result: RunResult,
+    logged_metrics: Collection[str],
 ) -> None:
+    """Evaluate the best state on the test split; log the ``test/*`` metrics (those not among
+    ``logged_metrics``) and the per-item predictions."""
     outputs, targets = predict(model, loader, device, suite)
     result.test = suite.evaluate(outputs, targets)
-    tracker.log_metrics(_prefixed("test", result.test))
+    _log_new_metrics(tracker, _prefixed("test", result.test), logged_metrics)
     rows = _prediction_rows(suite, outputs, targets)
     if rows is not None:
         with tempfile.TemporaryDirectory() as scratch:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -199,8 +200,8 @@ def _dimension_from_text(
             number = float(value)
         except ValueError:
             raise ValueError(f"{where}: expected numbers") from None
-        if not number > 0:
-            raise ValueError(f"{where}: {name} is searched on a log scale; give values > 0")
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{where}: {name} is searched on a log scale; give finite values > 0")
         return number
 
     low_text, colon, high_text = text.partition(":")

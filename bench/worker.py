@@ -137,7 +137,7 @@ def worker_command(args: argparse.Namespace, console: Console) -> int:
     overrides = {k: getattr(args, k) for k in ("results", "tracking_uri", "device") if getattr(args, k) is not None}
     names = [n for n in args.studies.split(",") if n.strip()] if args.studies else None
     try:
-        open_storage(args.storage)
+        open_storage(args.storage, must_exist=True)  # a worker joins a sweep: a mistyped path creates nothing
         ended = work(args.storage, names, WorkerContext(overrides, console))
     except INPUT_ERRORS as error:
         return print_error(console, error)

@@ -60,6 +60,67 @@ def test_a_backbone_the_suite_cannot_build_is_refused_before_training(
     assert not (tmp_path / "mlflow.db").exists()  # no run was started
 
 
+TINY_RUN = ["--task", "cxr14-synthetic", "--task-opt", "n_images=140", "--task-opt", "min_positives=1",
+            "--image-size", "16", "--methods", "ew", "--epochs", "1", "--device", "cpu"]
+"""A run of one method and one short epoch: what a value accepted today would train."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--lr", "inf"], "--lr: expected a finite number, got inf"),
+        (["--weight-decay", "nan"], "--weight-decay: expected a finite number, got nan"),
+        (["--seeds", "99999999999999999999"], f"--seeds: 99999999999999999999 is out of range; a seed is a whole number "
+                                              f"from 0 to {2**32 - 1}"),
+        (["--batch-size", "1"], "--batch-size 1: every backbone normalises with BatchNorm"),
+    ],
+)
+def test_a_run_value_that_would_fail_later_is_refused_before_anything_is_written(
+    argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    assert_clear_error(["run", *TINY_RUN, *argv, "--results", str(results)], capsys, fragment)
+    assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "fragment"),
+    [
+        ("c.yaml", 'save_checkpoint: "no"\n', "save_checkpoint: expected true or false (unquoted in YAML and TOML), got 'no'"),
+        ("c.yaml", 'amp: "false"\n', "amp: expected true or false (unquoted in YAML and TOML), got 'false'"),
+        ("c.toml", 'save_checkpoint = "no"\n', "save_checkpoint: expected true or false"),
+        ("c.yaml", "seeds: [0, 1.7]\n", "--seeds: 1.7 is not a whole number"),
+        ("c.yaml", "batch-size: 16\nbatch_size: 32\n", "{path} gives batch_size twice, as batch-size and batch_size: keep one"),
+        ("c.yaml", "epochs: [1\n", "config file {path} is not valid YAML: line 2, column 1"),
+        ("c.yaml", "1: 2\n", "config file {path}: 1 is not an option name"),
+        ("c.toml", "epochs = \n", "config file {path} is not valid TOML: Invalid value (at line 1"),
+    ],
+)
+def test_a_config_file_is_read_strictly_and_refused_with_its_name(
+    name: str, text: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    results = tmp_path / "results"
+    argv = ["run", *TINY_RUN, "--config", str(path), "--results", str(results)]
+    assert_clear_error(argv, capsys, fragment.format(path=path))
+    assert not results.exists()
+
+
+def test_a_tuning_range_to_infinity_is_refused_before_the_study_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["tune", *TINY_RUN, "--trials", "1", "--space", "lr=1e-3:inf", "--results", str(tmp_path)]
+    assert_clear_error(argv, capsys, "--space lr=1e-3:inf: lr is searched on a log scale; give finite values > 0")
+    assert not list(tmp_path.iterdir())  # neither an Optuna study nor an MLflow run
+
+
+def test_a_worker_on_a_mistyped_sqlite_path_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    storage = tmp_path / "typo" / "optuna.db"
+    assert_clear_error(["worker", "--storage", f"sqlite:///{storage}"], capsys, f"no Optuna storage at {storage}")
+    assert not storage.parent.exists()
+
+
 @pytest.mark.parametrize("command", ["run", "profile", "tune"])
 def test_chestmnist_download_without_medmnist_says_how_to_install_it(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_medmnist: None

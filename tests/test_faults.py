@@ -24,21 +24,23 @@ from mlflow.tracking import MlflowClient
 
 import bench.runner
 from bench.cli import main
+from bench.results_io import PREDICTIONS_ARTIFACT
 from bench.runner import summary_files
 from bench.stores import STORE_WAIT_ENV
 from bench.tracking import Tracker, experiment_name
 
 REPO = Path(__file__).resolve().parent.parent
+TASK = "cxr14-synthetic"
+TINY_RUN = [
+    "run", "--methods", "ew", "--task", TASK, "--task-opt", "n_images=140", "--task-opt", "min_positives=1",
+    "--image-size", "16", "--batch-size", "64", "--device", "cpu", "--no-checkpoint",
+]  # fmt: skip
+"""One method on a tiny suite: one training step per epoch (98 training images, batch 64)."""
 
 
 # --- Stores: locked, slow, unreachable, or created by two processes at once (issue 14, items 1, 7, 8) ---
 
-STORE_TASK = "cxr14-synthetic"
-TWO_RUNS = [
-    "run", "--methods", "ew", "--seeds", "0,1", "--task", STORE_TASK, "--task-opt", "n_images=140",
-    "--task-opt", "min_positives=1", "--image-size", "16", "--batch-size", "64", "--epochs", "2",
-    "--device", "cpu", "--no-checkpoint",
-]  # fmt: skip
+TWO_RUNS = [*TINY_RUN, "--seeds", "0,1", "--epochs", "2"]
 """A sweep of two runs, one training step per epoch."""
 MLFLOW_BUSY_TIMEOUT = "busy_timeout = 20000"
 """What MLflow sets in every SQLite session: wait 20 s for a lock before ``database is locked``."""
@@ -106,14 +108,14 @@ def store_lock(results: Path, monkeypatch: pytest.MonkeyPatch, short_sqlite_busy
 
 def sweep_runs(results: Path) -> dict[int, dict]:
     """The runs of the latest summary by seed."""
-    runs = json.loads(summary_files(results, STORE_TASK)[-1].with_suffix(".json").read_text())["runs"]
+    runs = json.loads(summary_files(results, TASK)[-1].with_suffix(".json").read_text())["runs"]
     return {run["seed"]: run for run in runs}
 
 
 def mlflow_statuses(results: Path) -> dict[str, str]:
     """MLflow run name -> status."""
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(experiment_name(STORE_TASK))
+    experiment = client.get_experiment_by_name(experiment_name(TASK))
     return {run.info.run_name: run.info.status for run in client.search_runs([experiment.experiment_id])}
 
 
@@ -271,5 +273,65 @@ def test_two_commands_on_a_fresh_results_folder_create_each_store_once(tmp_path:
     for process, (_, errors) in zip(processes, outcomes):
         assert process.returncode == 0, errors
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
-    assert client.get_experiment_by_name(experiment_name(STORE_TASK)) is not None
+    assert client.get_experiment_by_name(experiment_name(TASK)) is not None
     assert optuna.get_all_study_summaries(f"sqlite:///{results / 'optuna.db'}") == []
+
+
+# --- Leftovers (issue 14, item 10): temporary checkpoint files, a resumed final phase -----------
+
+LEFTOVER_RUN = [*TINY_RUN, "--epochs", "1"]
+"""One method, one epoch of one training step: the run ends in seconds."""
+
+
+@pytest.fixture
+def interrupted_in_final_phase(results: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run :data:`LEFTOVER_RUN` into ``results`` and press Ctrl-C after its test metrics are
+    logged, while its test predictions are written; return the run key (its checkpoint stays)."""
+    log_artifact = Tracker.log_artifact
+
+    def interrupt_at_the_predictions(tracker: Tracker, path: Path) -> None:
+        if path.name == PREDICTIONS_ARTIFACT:
+            raise KeyboardInterrupt
+        log_artifact(tracker, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Tracker, "log_artifact", interrupt_at_the_predictions)
+        assert main([*LEFTOVER_RUN, "--results", str(results)]) == 130
+    (checkpoint,) = (results / "checkpoints").glob("*.pt")
+    return checkpoint.stem
+
+
+def final_phase_histories(results: Path) -> dict[str, int]:
+    """Number of values logged for each ``summary/*`` and ``test/*`` metric of the one run."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(experiment_name(TASK))
+    (run,) = client.search_runs([experiment.experiment_id])
+    return {
+        key: len(client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+        if key.startswith(("summary/", "test/"))
+    }
+
+
+def test_a_resumed_final_phase_logs_each_summary_and_test_metric_once(
+    results: Path, interrupted_in_final_phase: str
+) -> None:
+    before = final_phase_histories(results)
+    assert "test/mean_auroc" in before and "summary/step_ms" in before
+    assert main([*LEFTOVER_RUN, "--results", str(results)]) == 0
+    after = final_phase_histories(results)
+    assert set(after) >= set(before)
+    assert after == dict.fromkeys(after, 1)
+
+
+def test_stale_temporary_checkpoints_of_the_run_are_removed_when_it_resumes_and_no_others(
+    results: Path, interrupted_in_final_phase: str
+) -> None:
+    checkpoints = results / "checkpoints"
+    stale = checkpoints / f".{interrupted_in_final_phase}.pt.k1ll3d0.tmp"  # as a write killed mid-way leaves it
+    other = checkpoints / f".{TASK}_ew_seed1_0123456789abcdef.pt.w0rk1ng.tmp"  # another run writing now
+    for path in (stale, other):
+        path.write_bytes(b"partial")
+    assert main([*LEFTOVER_RUN, "--results", str(results)]) == 0
+    assert not stale.exists()
+    assert other.read_bytes() == b"partial"

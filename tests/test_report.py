@@ -256,6 +256,29 @@ def test_csv_with_missing_columns_names_them(tmp_path: Path, capsys: pytest.Capt
     assert "lacks the column(s) seed, value" in printed_text(capsys)
 
 
+def test_an_empty_csv_is_named_and_says_what_a_results_csv_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "empty.csv"
+    csv.write_text("")
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 2
+    assert f"{csv} is empty; a results CSV has the header line method,dataset,seed,metric,value" in printed_text(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("infinite", ["inf", "-inf", "Infinity"])
+def test_an_infinite_value_is_refused_not_ranked(
+    infinite: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [(m, "suite", s, "acc", 0.5 + 0.1 * i) for i, m in enumerate(("ew", "uw")) for s in "012"]
+    csv = write_csv(tmp_path / "results.csv", rows)
+    lines = csv.read_text().splitlines()
+    lines[2] = f"ew,suite,1,acc,{infinite}"  # CSV line 3: the second data row
+    csv.write_text("\n".join(lines) + "\n")
+    assert main(["report", "--from", str(csv), "--out", str(tmp_path / "out")]) == 2
+    printed = printed_text(capsys)
+    assert f"{csv}: the value column must hold finite numbers; CSV line(s) 3 hold" in printed
+    assert not (tmp_path / "out").exists()
+
+
 def test_no_finished_runs_names_the_experiment_and_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -25,6 +25,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
+from bench.credentials import masked
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "libmtl")
 
@@ -122,8 +124,10 @@ class Tracker:
             experiment = mlflow.get_experiment_by_name(name)
         except Exception as error:  # the store is unreachable or unreadable
             raise ConnectionError(
-                f"cannot open the MLflow tracking store {tracking_uri}: {error}. Check the URI "
-                "(--tracking-uri or MLFLOW_TRACKING_URI) and that the server is running"
+                masked(
+                    f"cannot open the MLflow tracking store {tracking_uri}: {error}. Check the URI "
+                    "(--tracking-uri or MLFLOW_TRACKING_URI) and that the server is running"
+                )
             ) from error
         if experiment is None:
             local = "://" not in tracking_uri or tracking_uri.startswith(("sqlite:", "file:"))
@@ -190,13 +194,15 @@ class Tracker:
         mlflow.log_artifact(str(path))
 
     def end_run(self, status: str, reason: str | None = None) -> None:
-        """End the active run as FINISHED, FAILED or KILLED, with the reason as a tag."""
+        """End the active run as FINISHED, FAILED or KILLED, with the reason (passwords in it
+        hidden) as a tag."""
         if reason:
-            mlflow.set_tag("failure_reason", reason[:5000])
+            mlflow.set_tag("failure_reason", masked(reason)[:5000])
         mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))
 
     def end_other_run(self, run_id: str, status: str, reason: str) -> None:
-        """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason as a tag."""
+        """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason (passwords
+        in it hidden) as a tag."""
         client = MlflowClient(self.tracking_uri)
-        client.set_tag(run_id, "failure_reason", reason[:5000])
+        client.set_tag(run_id, "failure_reason", masked(reason)[:5000])
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from optuna.trial import FrozenTrial, TrialState
 
 import tasks
+from bench.credentials import masked
 from bench.jobs import run_claimed
 from bench.progress import Sweep
 from bench.spec import RunSpec
@@ -90,7 +91,8 @@ def run_grid_cell(shared: SharedStudy, claim: Claim, context: WorkerContext) -> 
                 cell_spec(spec, method, tuned), context.suite(spec), method, seed, tracker,
                 tags=tuned_tags(tuned, method), sweep=sweep,
             )
-        shared.storage.set_trial_user_attr(claim.trial_id, RESULT_ATTR, dataclasses.asdict(result))
+        kept = dataclasses.replace(result, reason=None if result.reason is None else masked(result.reason))
+        shared.storage.set_trial_user_attr(claim.trial_id, RESULT_ATTR, dataclasses.asdict(kept))
         return result
 
     outcome = run_claimed(shared, claim, context.console, train)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from optuna.trial import TrialState
 from rich.console import Console
 
+from bench.credentials import masked
 from bench.signals import interruption_reason
 from bench.studies import Claim, SharedStudy, finish_trial
 from bench.train import RunResult, StopTraining
@@ -51,8 +52,8 @@ def run_claimed(
         finish_trial(shared, claim, state=TrialState.FAIL, failure=interruption_reason(interrupt), retry=True)
         raise
     except Exception as error:
-        console.print(f"[red]{name} failed:[/]\n{traceback.format_exc()}")
-        reason = f"{type(error).__name__}: {error}"
+        console.print(f"[red]{name} failed:[/]\n{masked(traceback.format_exc())}")
+        reason = masked(f"{type(error).__name__}: {error}")
         finish_trial(shared, claim, state=TrialState.FAIL, failure=reason)
         return ended(TrialState.FAIL, None, reason)
     if result.status == "FINISHED" and result.best_val is not None:

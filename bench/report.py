@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from bench.credentials import masked
 from bench.errors import print_error
 
 
@@ -104,7 +105,7 @@ def report_command(args: argparse.Namespace, console: Console, argv: Sequence[st
         alpha=args.alpha,
         bootstrap_resamples=args.bootstrap,
         minimize=tuple(name.strip() for name in args.minimize.split(",") if name.strip()),
-        command=shlex.join(["python", "-m", "bench", *argv]),
+        command=shlex.join(["python", "-m", "bench", *map(masked, argv)]),
     )
     try:
         results = read_long_csv(args.from_csv) if args.from_csv else load_mlflow(tracking_uri, args.experiment)

@@ -28,6 +28,7 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from tqdm.auto import tqdm
 
 import tasks
+from bench.credentials import masked
 from bench.stats import family_of, task_of
 from bench.tracking import TUNED_FROM_TAG, TUNING_STUDY_TAG, experiment_name, first_contact
 
@@ -84,7 +85,7 @@ class Results:
 
 
 def _store_description(tracking_uri: str, experiments: Sequence[str]) -> str:
-    return f"experiment(s) {', '.join(experiments) or '(none)'} of the MLflow store {tracking_uri}"
+    return f"experiment(s) {', '.join(experiments) or '(none)'} of the MLflow store {masked(tracking_uri)}"
 
 
 def _experiments(client: MlflowClient, tracking_uri: str, requested: Sequence[str] | None) -> dict[str, str]:
@@ -95,7 +96,7 @@ def _experiments(client: MlflowClient, tracking_uri: str, requested: Sequence[st
     unknown = [name for name in requested if name not in known.values()]
     if unknown:
         raise NoResultsError(
-            f"no experiment {', '.join(unknown)} in the MLflow store {tracking_uri}; it holds: "
+            f"no experiment {', '.join(unknown)} in the MLflow store {masked(tracking_uri)}; it holds: "
             f"{', '.join(known.values()) or 'no experiment'}"
         )
     return {i: name for i, name in known.items() if name in requested}
@@ -136,7 +137,7 @@ NAMED_RUNS = 3
 
 
 def _delete_advice(tracking_uri: str) -> str:
-    return f"MLFLOW_TRACKING_URI={tracking_uri} mlflow runs delete --run-id ID"
+    return f"MLFLOW_TRACKING_URI={masked(tracking_uri)} mlflow runs delete --run-id ID"
 
 
 def _run_group(value: str, run_ids: list[str]) -> str:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tasks
+from bench.credentials import masked
 from bench.display import count_range, mean_std, number
 from bench.grid import cell_spec, grid_results, prepare_grid, tuned_tags
 from bench.progress import Sweep
@@ -31,7 +32,6 @@ from bench.spec import RunSpec
 from bench.studies import (
     DEFAULT_HEARTBEAT_SECONDS,
     default_storage,
-    masked,
     open_storage,
 )
 from bench.sweep_cli import StorageOptions
@@ -64,7 +64,7 @@ def run_sweep(spec: RunSpec, console: Console, options: StorageOptions | None = 
     _print_header(spec, suite, console)
     console.print(f"grid {shared.name} in {masked(url)}: {options.workers or 1} worker process(es) here")
     try:
-        run_workers(url, [shared.name], options.workers or 1, spec.results, console)
+        run_workers(url, [shared.name], options.workers or 1, spec.results, spec.tracking_uri, console)
     finally:
         results = grid_results(shared, spec)
         _print_summary(spec, suite, results, tuned, console)
@@ -76,7 +76,7 @@ def _print_header(spec: RunSpec, suite: tasks.TaskSuite, console: Console) -> No
         f"[bold]{spec.task}[/]: {suite.n_tasks} tasks, "
         + ", ".join(f"{k} {len(v)}" for k, v in suite.splits().items())  # type: ignore[arg-type]
         + f"; {len(spec.methods)} method(s) x {len(spec.seeds)} seed(s) on {spec.device}; "
-        f"tracking at {spec.tracking_uri}"
+        f"tracking at {masked(spec.tracking_uri)}"
     )
 
 
@@ -89,7 +89,7 @@ def _print_summary(
 ) -> None:
     paths = write_summary(spec, suite.primary_metric, results, tuned)
     console.print(summary_table(spec.task, suite.primary_metric, results))
-    console.print(f"summary: {paths[0]} and {paths[1]}; runs in MLflow at {spec.tracking_uri}")
+    console.print(f"summary: {paths[0]} and {paths[1]}; runs in MLflow at {masked(spec.tracking_uri)}")
 
 
 def _run_cells(
@@ -114,9 +114,9 @@ def _run_cells(
                     results.append(RunResult(method, seed, "KILLED", reason=interruption_reason(interrupt)))
                     raise
                 except Exception as error:  # recorded FAILED in MLflow by train_run
-                    console.print(f"[red]{method} seed {seed} failed:[/]\n{traceback.format_exc()}")
+                    console.print(f"[red]{method} seed {seed} failed:[/]\n{masked(traceback.format_exc())}")
                     result = RunResult(
-                        method, seed, "FAILED", reason=f"{type(error).__name__}: {error}", crashed=True
+                        method, seed, "FAILED", reason=masked(f"{type(error).__name__}: {error}"), crashed=True
                     )
                 if result.status == "FAILED":
                     console.print(f"[yellow]{method} seed {seed}: FAILED: {result.reason}[/]")
@@ -211,7 +211,8 @@ def write_summary(
 ) -> tuple[Path, Path]:
     """``<results>/summary-<task>-<UTC time>.csv`` (one row per run) and ``.json`` (spec, tuned
     settings per method with ``--tuned``, runs, per method): new files for every sweep, so that
-    no sweep's summary replaces another's (:func:`summary_stem`)."""
+    no sweep's summary replaces another's (:func:`summary_stem`). Passwords in URLs (the tracking
+    URI, a failure reason quoting one) are hidden."""
     spec.results.mkdir(parents=True, exist_ok=True)
     moment = datetime.now(timezone.utc)
     while (spec.results / f"{summary_stem(spec.task, moment)}.csv").exists():  # a sweep in the same millisecond
@@ -224,18 +225,13 @@ def write_summary(
         row.update({f"test_{k}": v for k, v in r.test.items()})
         row.update({f"{k}_ms": v for k, v in r.ms_per_step.items()})
         flat_rows.append(row)
-    pd.DataFrame(flat_rows).to_csv(csv_path, index=False)
-    json_path.write_text(
-        json.dumps(
-            {
-                "spec": spec.to_dict(),
-                "tuned": {m: asdict(s) for m, s in (tuned or {}).items()},
-                "primary_metric": primary_metric,
-                "runs": [asdict(r) for r in results],
-                "methods": aggregate(primary_metric, results),
-            },
-            indent=2,
-            default=str,
-        )
-    )
+    csv_path.write_text(masked(pd.DataFrame(flat_rows).to_csv(index=False)))
+    summary = {
+        "spec": spec.to_dict(),
+        "tuned": {m: asdict(s) for m, s in (tuned or {}).items()},
+        "primary_metric": primary_metric,
+        "runs": [asdict(r) for r in results],
+        "methods": aggregate(primary_metric, results),
+    }
+    json_path.write_text(masked(json.dumps(summary, indent=2, default=str)))
     return csv_path, json_path

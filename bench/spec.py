@@ -22,6 +22,7 @@ import yaml
 
 import methods
 import tasks
+from bench.credentials import masked
 from bench.step import GRAD_LEVELS
 from methods.base import resolve_hparams
 
@@ -84,9 +85,11 @@ class RunSpec:
     """bf16 autocast of the forward pass (CUDA only); Gramian, solvers and weights stay float32."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values (for YAML, MLflow params and the summary)."""
+        """Plain values (for YAML, MLflow params, study attributes and the summary), with a
+        password of the tracking URI hidden (:func:`~bench.credentials.masked`)."""
         out = dataclasses.asdict(self)
         out["results"] = str(self.results)
+        out["tracking_uri"] = masked(self.tracking_uri)
         return out
 
     def method_hparams(self, method: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Every sweep that several workers share is an Optuna study in one storage (a URL: SQLite,
 PostgreSQL, MySQL, or a journal file). The study's user attributes say what it is (``kind``:
 ``tune`` or ``grid``) and hold the resolved run spec, so a worker on another machine needs
-only the storage URL. Each trial of the study is one training run (a tuning trial, or one
+only the storage URL (and, for a tracking URI with a password, which the study keeps hidden,
+that URI: :mod:`bench.credentials`). Each trial of the study is one training run (a tuning trial, or one
 (method, seed) cell of a grid).
 
 **Exactly once.** The whole budget is put in the study up front as WAITING trials. A worker
@@ -50,6 +51,7 @@ from optuna.storages import (
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from bench.credentials import masked
 from bench.stores import creating_store
 
 DEFAULT_HEARTBEAT_SECONDS = 30
@@ -60,7 +62,8 @@ MAX_RETRIES = 3
 KIND_ATTR = "kind"
 """Study user attribute marking the studies of this harness: ``tune`` or ``grid``."""
 SPEC_ATTR = "spec"
-"""Study user attribute: the resolved run spec (``RunSpec.to_dict()``) the workers train with."""
+"""Study user attribute: the resolved run spec (``RunSpec.to_dict()``) the workers train with; a
+password of its tracking URI is hidden there, and workers take it from their own environment."""
 CONFIG_ATTR = "config"
 """Study user attribute: the spec without :data:`WHERE_KEYS`, compared when a command is run again."""
 WHERE_KEYS = ("results", "tracking_uri", "device", "save_checkpoint")
@@ -91,16 +94,6 @@ _OPEN: dict[tuple[str, int | None], BaseStorage] = {}
 def default_storage(results: Path) -> str:
     """The default storage: SQLite at ``<results>/optuna.db``."""
     return f"sqlite:///{(Path(results) / 'optuna.db').resolve()}"
-
-
-def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and tags."""
-    if "://" not in url:
-        return url
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
 
 
 def open_storage(url: str, heartbeat: int | None = None, *, must_exist: bool = False) -> BaseStorage:
@@ -395,13 +388,14 @@ def finish_trial(
     retry: bool = False,
 ) -> None:
     """End a claimed trial: COMPLETE with ``value``, PRUNED, or FAIL with ``failure`` (kept as
-    the trial's ``failure`` attribute) and, with ``retry``, a copy queued to run again.
+    the trial's ``failure`` attribute, passwords in it hidden) and, with ``retry``, a copy queued
+    to run again.
 
     A trial that another worker already failed as stale (its heartbeat came too late) is
     left as it is.
     """
     if failure is not None:
-        shared.storage.set_trial_user_attr(claim.trial_id, FAILURE_ATTR, failure[:5000])
+        shared.storage.set_trial_user_attr(claim.trial_id, FAILURE_ATTR, masked(failure)[:5000])
     values = None if value is None else [value]
     shared.study.tell(claim.frozen.number, values, state=state, skip_if_finished=True)
     if retry:

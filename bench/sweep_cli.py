@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from bench.credentials import STORAGE_URL_ENV
 from bench.studies import DEFAULT_HEARTBEAT_SECONDS, GRACE_HEARTBEATS
 
 
@@ -79,7 +80,11 @@ def add_worker_parser(commands: Any) -> None:
         description="Serve every study of this harness in the storage (or --studies) until all "
         "their trials are over; retries the trials of workers that died (database storages).",
     )
-    worker.add_argument("--storage", required=True, help="the sweep's Optuna storage URL (or journal file PATH.log)")
+    worker.add_argument(
+        "--storage",
+        help=f"the sweep's Optuna storage URL (or journal file PATH.log); default ${STORAGE_URL_ENV}, which keeps "
+        "a password off the command line",
+    )
     worker.add_argument("--studies", help="comma list of study names (default: every study of this harness there)")
     worker.add_argument("--results", help="results directory on this machine (default: the study's)")
     worker.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI here (default: the study's)")

@@ -38,8 +38,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
+from bench.credentials import masked
 from bench.stores import creating_store, is_locked, store_wait_seconds, wait_while_locked
-from bench.studies import masked
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torchvision", "numpy", "scipy", "scikit-learn", "mlflow", "libmtl")
@@ -209,8 +209,10 @@ class Tracker:
             raise
         except Exception as error:  # the store is unreachable or unreadable
             raise ConnectionError(
-                f"cannot open the MLflow tracking store {masked(tracking_uri)}: {error}. Check the URI "
-                "(--tracking-uri or MLFLOW_TRACKING_URI) and that the server is running"
+                masked(
+                    f"cannot open the MLflow tracking store {tracking_uri}: {error}. Check the URI "
+                    "(--tracking-uri or MLFLOW_TRACKING_URI) and that the server is running"
+                )
             ) from error
 
     def _open_experiment(self, name: str, results: Path) -> str:
@@ -295,8 +297,8 @@ class Tracker:
         self._call(lambda: mlflow.log_artifact(str(path)))
 
     def end_run(self, status: str, reason: str | None = None, tags: Mapping[str, str] | None = None) -> None:
-        """End the active run as FINISHED, FAILED or KILLED, with ``tags`` and the reason as the
-        tag :data:`FAILURE_REASON_TAG`.
+        """End the active run as FINISHED, FAILED or KILLED, with ``tags`` and the reason
+        (passwords in it hidden) as the tag :data:`FAILURE_REASON_TAG`.
 
         MLflow's active run is cleared whatever happens, so the next run can start: a store
         that stays locked or fails raises, and leaves this run RUNNING in the store (where
@@ -306,7 +308,7 @@ class Tracker:
         if active is None:
             return
         ending = RunStatus.to_string(RunStatus.from_string(status))
-        labels = {**(tags or {}), **({FAILURE_REASON_TAG: reason[:5000]} if reason else {})}
+        labels = {**(tags or {}), **({FAILURE_REASON_TAG: masked(reason)[:5000]} if reason else {})}
         try:
             if labels:
                 self._call(lambda: mlflow.set_tags(labels))
@@ -331,7 +333,8 @@ class Tracker:
             error.add_note(f"the MLflow run was not marked {status} in the store: {store_error}")
 
     def end_other_run(self, run_id: str, status: str, reason: str) -> None:
-        """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason as a tag."""
+        """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason (passwords
+        in it hidden) as a tag."""
         client = MlflowClient(self.tracking_uri)
-        self._call(lambda: client.set_tag(run_id, FAILURE_REASON_TAG, reason[:5000]))
+        self._call(lambda: client.set_tag(run_id, FAILURE_REASON_TAG, masked(reason)[:5000]))
         self._call(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status))))

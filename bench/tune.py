@@ -64,6 +64,7 @@ from rich.table import Table
 import methods
 import tasks
 from bench.cli import flags_to_layers
+from bench.credentials import masked
 from bench.errors import INPUT_ERRORS, print_error
 from bench.jobs import ClaimOutcome, run_claimed
 from bench.signals import interruption_exit_code, interruption_reason
@@ -80,7 +81,6 @@ from bench.studies import (
     add_waiting_trials,
     create_shared_study,
     default_storage,
-    masked,
     open_storage,
 )
 from bench.sweep_cli import StorageOptions
@@ -459,10 +459,10 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
         return print_error(console, error)
     console.print(
         f"tuning {', '.join(spec.methods)} on {spec.task}: {trials} trials each, storage {masked(url)}, "
-        f"{options.workers or 1} worker(s); MLflow at {spec.tracking_uri}"
+        f"{options.workers or 1} worker(s); MLflow at {masked(spec.tracking_uri)}"
     )
     try:
-        run_workers(url, [s.name for s in studies], options.workers or 1, spec.results, console)
+        run_workers(url, [s.name for s in studies], options.workers or 1, spec.results, spec.tracking_uri, console)
     except KeyboardInterrupt as interrupt:
         console.print(
             f"[yellow]{interruption_reason(interrupt)}: running trials are queued again; run the same command to go on[/]"

@@ -1,6 +1,6 @@
 """Workers: processes that train the trials of shared studies until none is left.
 
-    python -m bench worker --storage postgresql://user:password@host:5432/optuna
+    python -m bench worker --storage postgresql://user@host:5432/optuna
 
 A worker needs only the storage URL: each study holds its run spec. It serves every study of
 this harness in the storage (or those given with ``--studies``): it claims one waiting
@@ -9,12 +9,18 @@ outcome, and repeats. When nothing waits but trials still run elsewhere, it chec
 heartbeat and retries the trial of a worker that died; it stops when every trial is over.
 ``--results``, ``--tracking-uri`` and ``--device`` replace the study's values on this machine
 (e.g. a path to a shared disk, a common MLflow server, another GPU).
+
+A password stays off the command line, where ``ps`` shows it: PostgreSQL reads it from
+``PGPASSWORD`` or ``PGPASSFILE``, or the whole storage URL comes from ``BENCH_STORAGE_URL``
+instead of ``--storage``. A study keeps its tracking URI with the password hidden; the worker
+takes that URI with its password from ``MLFLOW_TRACKING_URI`` (:mod:`bench.credentials`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +33,7 @@ from typing import Any
 from rich.console import Console
 
 import tasks
+from bench.credentials import STORAGE_URL_ENV, TRACKING_URI_ENV, masked, unmasked
 from bench.errors import INPUT_ERRORS, print_error
 from bench.grid import run_grid_cell
 from bench.signals import interruption_exit_code, interruption_reason, interruption_signal
@@ -41,7 +48,6 @@ from bench.studies import (
     harness_study_names,
     heartbeat,
     load_shared_study,
-    masked,
     open_storage,
     worker_id,
 )
@@ -59,16 +65,32 @@ POLL_SECONDS = 2.0
 
 @dataclass
 class WorkerContext:
-    """What a worker keeps across trials: the run options of its command line, and the task
-    suites it has built (once per task and options)."""
+    """What a worker keeps across trials: the run options of its command line, the MLflow
+    tracking URI of its environment, and the task suites it has built (once per task and options)."""
 
     overrides: dict[str, Any]
     console: Console
+    tracking_uri: str | None = None
+    """The tracking URI with its password, for a study that stores it hidden (``MLFLOW_TRACKING_URI``)."""
     suites: dict[str, tasks.TaskSuite] = field(default_factory=dict)
 
     def spec(self, shared: SharedStudy) -> RunSpec:
-        """The study's run spec with this worker's overrides, validated on this machine."""
-        return resolve_spec(shared.attrs[SPEC_ATTR], self.overrides)
+        """The study's run spec with this worker's overrides, validated on this machine.
+
+        A study keeps its tracking URI with the password hidden; unless ``--tracking-uri``
+        replaces it, the password comes from :attr:`tracking_uri` when that is the same URI.
+        """
+        stored = shared.attrs[SPEC_ATTR]
+        overrides = dict(self.overrides)
+        if "tracking_uri" not in overrides:
+            overrides["tracking_uri"] = unmasked(stored["tracking_uri"], self.tracking_uri)
+            if overrides["tracking_uri"] is None:
+                raise ValueError(
+                    f"study {shared.name!r} tracks its runs at {stored['tracking_uri']}, whose password the study "
+                    f"does not keep: set {TRACKING_URI_ENV} to that URI with its password, or give --tracking-uri "
+                    "(or leave the password out of the URI; PostgreSQL reads PGPASSWORD or PGPASSFILE)"
+                )
+        return resolve_spec(stored, overrides)
 
     def suite(self, spec: RunSpec) -> tasks.TaskSuite:
         key = json.dumps([spec.task, spec.task_options], sort_keys=True, default=str)
@@ -103,22 +125,32 @@ def work(url: str, names: Sequence[str] | None, context: WorkerContext) -> Count
         ended[state] += 1
 
 
-def run_workers(url: str, names: Sequence[str], count: int, results: Path, console: Console) -> None:
+def run_workers(
+    url: str, names: Sequence[str], count: int, results: Path, tracking_uri: str, console: Console
+) -> None:
     """Work on the studies ``names`` with ``count`` worker processes: this one, and ``count - 1``
-    started here (``python -m bench worker``, their output in ``<results>/logs``)."""
+    started here (``python -m bench worker``, their output in ``<results>/logs``).
+
+    The storage ``url`` and the MLflow ``tracking_uri``, which may hold passwords, reach the
+    started processes in their environment (:data:`~bench.credentials.STORAGE_URL_ENV`,
+    ``MLFLOW_TRACKING_URI``), not on their command line.
+    """
     log_dir = Path(results) / "logs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    command = [sys.executable, "-m", "bench", "worker", "--storage", url, "--studies", ",".join(names)]
+    command = [sys.executable, "-m", "bench", "worker", "--studies", ",".join(names)]
+    environment = {**os.environ, STORAGE_URL_ENV: url, TRACKING_URI_ENV: tracking_uri}
     helpers = []
     for index in range(1, count):
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{stamp}-worker{index}.log"
         with log_path.open("w") as log:
-            helpers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log_path))
+            helpers.append(
+                (subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT), log_path)
+            )
     if helpers:
         console.print(f"{len(helpers)} more worker process(es) started; their output: {log_dir}/{stamp}-worker*.log")
     try:
-        work(url, names, WorkerContext({}, console))
+        work(url, names, WorkerContext({}, console, tracking_uri))
     except KeyboardInterrupt as interrupt:
         for process, _ in helpers:
             process.send_signal(interruption_signal(interrupt))
@@ -136,14 +168,17 @@ def worker_command(args: argparse.Namespace, console: Console) -> int:
     Ctrl-C and 143 on SIGTERM."""
     overrides = {k: getattr(args, k) for k in ("results", "tracking_uri", "device") if getattr(args, k) is not None}
     names = [n for n in args.studies.split(",") if n.strip()] if args.studies else None
+    url = args.storage or os.environ.get(STORAGE_URL_ENV)
     try:
-        open_storage(args.storage, must_exist=True)  # a worker joins a sweep: a mistyped path creates nothing
-        ended = work(args.storage, names, WorkerContext(overrides, console))
+        if not url:
+            raise ValueError(f"no storage: give --storage URL, or set {STORAGE_URL_ENV} to it")
+        open_storage(url, must_exist=True)  # a worker joins a sweep: a mistyped path creates nothing
+        ended = work(url, names, WorkerContext(overrides, console, os.environ.get(TRACKING_URI_ENV)))
     except INPUT_ERRORS as error:
         return print_error(console, error)
     except KeyboardInterrupt as interrupt:
         console.print(f"[yellow]{interruption_reason(interrupt)}: this worker's trial is queued again[/]")
         return interruption_exit_code(interrupt)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(ended.items())) or "nothing to do"
-    console.print(f"worker {worker_id()} on {masked(args.storage)}: {summary}")
+    console.print(f"worker {worker_id()} on {masked(url)}: {summary}")
     return 0

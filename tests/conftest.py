@@ -2,19 +2,28 @@
 
 They are handed to tests through the ``mtl`` fixture (no ``import conftest``), so they work
 under any pytest import mode. ``mlflow_template`` gives the harness's tests an empty MLflow store,
-``results`` a results directory holding a copy of it.
+``results`` a results directory holding a copy of it, ``postgres_url`` a throwaway PostgreSQL server.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
 import shutil
+import socket
+import subprocess
+import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
+
+POSTGRES_USER, POSTGRES_PASSWORD = "bench", "bench-secret"
+"""The role of the ``postgres_url`` server, and its password."""
 
 
 class TinyMTLNet(nn.Module):
@@ -109,3 +118,64 @@ def results(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPat
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
     return tmp_path
+
+
+def _postgres_bin() -> Path | None:
+    """The directory of Debian's PostgreSQL server programs (initdb, pg_ctl), if installed."""
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)  # newest version first
+    found = shutil.which("initdb") or next(iter(debian), None)
+    return None if found is None else Path(found).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """``postgresql+psycopg://bench:PASSWORD@127.0.0.1:PORT/postgres`` of a throwaway server that
+    lives for this module: Debian's PostgreSQL (``scripts/install-postgres`` installs it),
+    initialised in a temporary directory, listening on a free port of 127.0.0.1 with password
+    authentication; the test is skipped, with the reason, when it cannot start here."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -e '.[test]'")
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb): run scripts/install-postgres (Debian, root or sudo)")
+    run_as: list[str] = []
+    owner = None
+    if os.geteuid() == 0:  # the server refuses to run as root
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the PostgreSQL server as")
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root and runuser is missing, so the PostgreSQL server cannot run as 'postgres'")
+        run_as = [runuser, "-u", "postgres", "--"]
+    base = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
+    password_file = base / "password"
+    password_file.write_text(POSTGRES_PASSWORD)
+    if owner is not None:
+        for path in (base, password_file):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    port = _free_port()
+    data = base / "data"
+    initdb = [*run_as, str(bindir / "initdb"), "-D", str(data), "-U", POSTGRES_USER, f"--pwfile={password_file}",
+              "--auth=scram-sha-256", "--encoding=UTF8", "--no-sync"]
+    start = [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60",
+             "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]
+    try:
+        for command in (initdb, start):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                log = (base / "server.log").read_text() if (base / "server.log").exists() else ""
+                reason = f"{(done.stderr or done.stdout).strip()} {log.strip()}"
+                pytest.skip(f"PostgreSQL could not start here: {reason}"[:500])
+        yield f"postgresql+psycopg://{POSTGRES_USER}:{POSTGRES_PASSWORD}@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,28 +1,20 @@
 """Sweeps shared by worker processes: a tuning study on SQLite (two workers), then `run
 --tuned`; a `bench run` grid on a throwaway PostgreSQL server (three workers).
 
-The server is Debian's PostgreSQL (``scripts/install-postgres`` installs it), initialised in a
-temporary directory and listening on a free port of 127.0.0.1 with password authentication.
-Its tests are skipped, with the reason shown by ``pytest -ra``, when it cannot start here.
+The server is the ``postgres_url`` fixture (``conftest.py``); its tests are skipped, with the
+reason shown by ``pytest -ra``, when it cannot start here.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from sqlalchemy.engine import make_url
 
 from bench import worker
 from bench.cli import main
@@ -37,7 +29,6 @@ TINY = [
     "--batch-size", "64", "--epochs", "1", "--device", "cpu", "--no-checkpoint",
 ]
 """One training step per epoch (98 training images, batch 64, the short last batch dropped)."""
-USER, PASSWORD = "bench", "bench-secret"
 
 
 def mlflow_runs(results: Path) -> list:
@@ -102,64 +93,6 @@ def test_two_worker_processes_share_a_study_without_duplicates_then_run_tuned(
     assert tuned.data.params["epochs"] == "2" and "mlflow.parentRunId" not in tuned.data.tags
 
 
-def _postgres_bin() -> Path | None:
-    """The directory of Debian's PostgreSQL server programs (initdb, pg_ctl), if installed."""
-    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)  # newest version first
-    found = shutil.which("initdb") or next(iter(debian), None)
-    return None if found is None else Path(found).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """``postgresql+psycopg://bench:...@127.0.0.1:PORT/postgres`` of a server that lives for this module."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed: pip install -e '.[test]'")
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb): run scripts/install-postgres (Debian, root or sudo)")
-    run_as: list[str] = []
-    owner = None
-    if os.geteuid() == 0:  # the server refuses to run as root
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the PostgreSQL server as")
-        runuser = shutil.which("runuser")
-        if runuser is None:
-            pytest.skip("running as root and runuser is missing, so the PostgreSQL server cannot run as 'postgres'")
-        run_as = [runuser, "-u", "postgres", "--"]
-    base = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
-    password_file = base / "password"
-    password_file.write_text(PASSWORD)
-    if owner is not None:
-        for path in (base, password_file):
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    port = _free_port()
-    data = base / "data"
-    initdb = [*run_as, str(bindir / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={password_file}",
-              "--auth=scram-sha-256", "--encoding=UTF8", "--no-sync"]
-    start = [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60",
-             "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]
-    try:
-        for command in (initdb, start):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                log = (base / "server.log").read_text() if (base / "server.log").exists() else ""
-                reason = f"{(done.stderr or done.stdout).strip()} {log.strip()}"
-                pytest.skip(f"PostgreSQL could not start here: {reason}"[:500])
-        yield f"postgresql+psycopg://{USER}:{PASSWORD}@127.0.0.1:{port}/postgres"
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                           capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def test_three_workers_on_postgresql_train_each_cell_exactly_once(
     postgres_url: str, results: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,7 +125,7 @@ def test_three_workers_on_postgresql_train_each_cell_exactly_once(
 def test_wrong_postgresql_password_is_a_clear_error_that_writes_nothing(
     postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    wrong = postgres_url.replace(PASSWORD, "not-the-password")
+    wrong = postgres_url.replace(make_url(postgres_url).password, "not-the-password")
     results = tmp_path / "results"
     assert main(["run", *TINY, "--methods", "ew", "--storage", wrong, "--results", str(results)]) == 2
     out = " ".join(capsys.readouterr().out.split())

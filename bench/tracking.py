@@ -23,6 +23,7 @@ import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run, RunStatus
+from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +195,16 @@ class Tracker:
         if reason:
             mlflow.set_tag("failure_reason", reason[:5000])
         mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))
+
+    def leave_run(self) -> None:
+        """Stop logging to the active run without ending it: another process continues it.
+
+        MLflow's ``end_run`` always writes a status; this only takes the run off this
+        thread's stack of active runs (MLflow's own), so that the next run can start.
+        """
+        if mlflow.active_run() is not None:
+            mlflow.tracking.fluent._active_run_stack.get().pop()
+            MLFLOW_RUN_ID.unset()
 
     def end_other_run(self, run_id: str, status: str, reason: str) -> None:
         """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason as a tag."""

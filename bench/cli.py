@@ -204,5 +204,6 @@ def _command(args: argparse.Namespace, console: Console, argv: Sequence[str] | N
         return interruption_exit_code(interrupt)
     except INPUT_ERRORS as error:
         return print_error(console, error)
-    # A run that diverged (non-finite loss) is a result; a run that crashed is an error.
-    return 1 if any(r.crashed for r in results) else 0
+    # A run that diverged (non-finite loss) is a result; a run that crashed, or a grid cell
+    # left undone (KILLED: its worker is elsewhere), is an error.
+    return 1 if any(r.crashed or r.status == "KILLED" for r in results) else 0

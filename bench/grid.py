@@ -8,6 +8,10 @@ claimed exactly once by the workers (:mod:`bench.studies`). A finished cell keep
 :class:`~bench.train.RunResult` as the trial's ``result`` attribute, so whoever finishes the
 grid writes the summary of all cells. Run again, the command queues only the cells that
 have not completed (a crashed cell, one whose retries ran out) and trains nothing else.
+
+A cell still WAITING or RUNNING when the command ends (held by a worker on another machine,
+which a journal file cannot judge from here) is KILLED in the summary, with the reason,
+and :func:`undone_message` says what to do; the command then exits 1.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import tasks
 from bench.credentials import masked
-from bench.jobs import run_claimed
+from bench.jobs import ClaimCheck, run_claimed
 from bench.progress import Sweep
 from bench.spec import RunSpec
 from bench.studies import (
@@ -31,6 +35,7 @@ from bench.studies import (
     KIND_ATTR,
     SPEC_ATTR,
     WHERE_KEYS,
+    WORKER_ATTR,
     Claim,
     SharedStudy,
     add_waiting_trials,
@@ -85,12 +90,13 @@ def run_grid_cell(shared: SharedStudy, claim: Claim, context: WorkerContext) -> 
     context.console.print(f"{shared.name}: {method} seed {seed}")
     sweep = grid_sweep(shared)
 
-    def train() -> RunResult:
+    def train(check: ClaimCheck) -> RunResult:
         with Tracker(spec.tracking_uri, spec.task, spec.results) as tracker:
             result = train_run(
                 cell_spec(spec, method, tuned), context.suite(spec), method, seed, tracker,
-                tags=tuned_tags(tuned, method), sweep=sweep,
+                tags=tuned_tags(tuned, method), before_writes=check, sweep=sweep,
             )
+        check()
         kept = dataclasses.replace(result, reason=None if result.reason is None else masked(result.reason))
         shared.storage.set_trial_user_attr(claim.trial_id, RESULT_ATTR, dataclasses.asdict(kept))
         return result
@@ -137,9 +143,28 @@ def grid_results(shared: SharedStudy, spec: RunSpec) -> list[RunResult]:
                 results.append(RunResult(method, seed, "KILLED", reason="not run"))
             elif RESULT_ATTR in trial.user_attrs:
                 results.append(RunResult(**trial.user_attrs[RESULT_ATTR]))
+            elif not trial.state.is_finished():
+                holder = trial.user_attrs.get(WORKER_ATTR, "not recorded")
+                claimed = f", claimed by worker {holder}" if trial.state == TrialState.RUNNING else ""
+                results.append(RunResult(method, seed, "KILLED", reason=f"not done: still {trial.state.name}{claimed}"))
             else:
                 crashed = trial.state == TrialState.FAIL
                 status = "FAILED" if crashed else "KILLED"
                 reason = trial.user_attrs.get(FAILURE_ATTR, trial.state.name)
                 results.append(RunResult(method, seed, status, reason=reason, crashed=crashed))
     return results
+
+
+def undone_message(results: list[RunResult], url: str) -> str | None:
+    """What to do about the cells of ``results`` that are not done (KILLED: not run, or still
+    waiting or running elsewhere); ``None`` when every cell is done."""
+    undone = [r for r in results if r.status == "KILLED"]
+    if not undone:
+        return None
+    cells = "; ".join(f"{r.method} seed {r.seed} ({r.reason})" for r in undone)
+    return (
+        f"{len(undone)} cell(s) not done: {cells}. Run the same command again to train them. A cell "
+        "claimed by a worker on another machine is that worker's: once it has ended, run "
+        f"`python -m bench worker --storage {masked(url)}` on that machine (it retries the claims of "
+        "its dead processes), or use a database storage, whose heartbeat lets any worker retry them"
+    )

@@ -7,13 +7,16 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from rich.console import Console
 
 from bench.credentials import masked
-from bench.signals import interruption_reason
-from bench.studies import Claim, SharedStudy, finish_trial
-from bench.train import RunResult, StopTraining
+from bench.studies import GRACE_HEARTBEATS, Claim, SharedStudy, finish_trial, holds_claim
+from bench.train import RunResult, RunTakenOver, StopTraining
+
+ClaimCheck = Callable[[], None]
+"""Raises :class:`~bench.train.RunTakenOver` when the claimed trial is no longer this worker's."""
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,30 @@ class ClaimOutcome:
     seconds: float
 
 
+def claim_check(shared: SharedStudy, claim: Claim) -> ClaimCheck:
+    """A check to call before writing anything for ``claim``'s trial (:func:`~bench.studies.holds_claim`)."""
+
+    def check() -> None:
+        if not holds_claim(shared, claim):
+            raise RunTakenOver(
+                f"another worker took {shared.name} trial {claim.frozen.number} over: this worker sent no heartbeat "
+                f"for {GRACE_HEARTBEATS} heartbeats (it was paused or stalled); stopped without writing"
+            )
+
+    return check
+
+
 def run_claimed(
-    shared: SharedStudy, claim: Claim, console: Console, train: Callable[[], RunResult]
+    shared: SharedStudy, claim: Claim, console: Console, train: Callable[[ClaimCheck], RunResult]
 ) -> ClaimOutcome:
-    """Call ``train`` for a claimed trial and end the trial by its outcome.
+    """Call ``train(check)`` for a claimed trial and end the trial by its outcome; ``check``
+    (:func:`claim_check`) is for ``train`` to call before each of its writes.
 
     A finished run: COMPLETE, its value the run's best validation value. A run stopped early
     (:class:`~bench.train.StopTraining`, e.g. pruned): PRUNED. A run that diverged or raised:
-    FAIL with the reason, and the next trial goes on. Ctrl-C or SIGTERM: FAIL, the trial queued
-    again to continue later, and the interrupt propagates.
+    FAIL with the reason, and the next trial goes on. A trial another worker took over
+    (:class:`~bench.train.RunTakenOver`): left to that worker, in the state it has. Ctrl-C or
+    SIGTERM propagate (:func:`bench.worker.work` queues the trial again).
     """
     name = f"{shared.name} trial {claim.frozen.number}"
     started = time.perf_counter()
@@ -44,13 +62,14 @@ def run_claimed(
         return ClaimOutcome(state, result, reason, time.perf_counter() - started)
 
     try:
-        result = train()
+        result = train(claim_check(shared, claim))
     except StopTraining as stop:
         finish_trial(shared, claim, state=TrialState.PRUNED)
         return ended(TrialState.PRUNED, None, str(stop))
-    except KeyboardInterrupt as interrupt:
-        finish_trial(shared, claim, state=TrialState.FAIL, failure=interruption_reason(interrupt), retry=True)
-        raise
+    except (RunTakenOver, UpdateFinishedTrialError) as lost:
+        reason = str(lost) if isinstance(lost, RunTakenOver) else f"another worker ended {name}: {lost}"
+        console.print(f"[yellow]{reason}[/]")
+        return ended(shared.storage.get_trial(claim.trial_id).state, None, reason)
     except Exception as error:
         console.print(f"[red]{name} failed:[/]\n{masked(traceback.format_exc())}")
         reason = masked(f"{type(error).__name__}: {error}")

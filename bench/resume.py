@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.signals import interrupts_held
+
 CHECKPOINT_FORMAT = 2
 """Version of the checkpoint layout; a checkpoint of another version is refused.
 
@@ -132,7 +134,9 @@ class EpochCheckpoint:
         """Write the state atomically: a temporary file in the same directory, then ``os.replace``.
 
         ``modules`` maps names (model, method, optimizer, scheduler) to objects with a
-        ``state_dict()``, or to ``None``.
+        ``state_dict()``, or to ``None``. Ctrl-C and SIGTERM wait until the checkpoint is in
+        place (:func:`~bench.signals.interrupts_held`), then interrupt as usual: cut in the
+        middle, ``torch.save`` would turn the interrupt into an error about the file.
         """
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -143,16 +147,17 @@ class EpochCheckpoint:
             "rng": dict(rng),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with interrupts_held():
+            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(handle, "wb") as file:
+                    torch.save(state, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
 
     def load(self, run_id: str) -> dict[str, Any] | None:
         """The state saved by MLflow run ``run_id``, or ``None`` when there is no checkpoint.

@@ -25,7 +25,8 @@ from rich.table import Table
 import tasks
 from bench.credentials import masked
 from bench.display import count_range, mean_std, number
-from bench.grid import cell_spec, grid_results, prepare_grid, tuned_tags
+from bench.errors import print_error
+from bench.grid import cell_spec, grid_results, prepare_grid, tuned_tags, undone_message
 from bench.progress import Sweep
 from bench.signals import interruption_reason
 from bench.spec import RunSpec
@@ -45,7 +46,8 @@ def run_sweep(spec: RunSpec, console: Console, options: StorageOptions | None = 
     """Train every method of ``spec`` with every seed; always write the summary.
 
     A run that fails (non-finite loss, or an error) is recorded as FAILED and the sweep goes
-    on; Ctrl-C or SIGTERM stops the sweep after recording the interrupted run as KILLED. With
+    on; Ctrl-C or SIGTERM stops the sweep after recording the interrupted run as KILLED. A grid
+    cell not done when the workers stop (KILLED in the results) is named, saying what to do. With
     ``options.shared`` the grid is shared through the Optuna storage by this process, the
     ``options.workers - 1`` worker processes it starts and any that join; with
     ``options.tuned`` each method trains with the settings of its best tuning trial there.
@@ -68,6 +70,9 @@ def run_sweep(spec: RunSpec, console: Console, options: StorageOptions | None = 
     finally:
         results = grid_results(shared, spec)
         _print_summary(spec, suite, results, tuned, console)
+    message = undone_message(results, url)
+    if message is not None:
+        print_error(console, message)
     return results
 
 

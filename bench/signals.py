@@ -5,6 +5,10 @@ dies on it at once, leaving the MLflow run RUNNING. Within :func:`sigterm_as_int
 signal raises :class:`Terminated`, a :class:`KeyboardInterrupt`, so everything that handles
 Ctrl-C handles it the same way: the run ends KILLED, its epoch checkpoint stays, the trial
 of a shared study is queued again, and the command exits with ``128 + 15 = 143``.
+
+Within :func:`interrupts_held` neither signal interrupts: a write that must not be cut in
+half (an epoch checkpoint, the claim of a trial) finishes first, and the clean-up after an
+interrupt (the run ended KILLED, the trial queued again) is not cut by a second one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 CTRL_C_EXIT_CODE = 128 + signal.SIGINT
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -44,6 +49,38 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+"""The signals :func:`interrupts_held` holds back: Ctrl-C and SIGTERM."""
+
+
+@contextmanager
+def interrupts_held(*, deliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back inside the block.
+
+    On leaving it, the first signal held back is delivered to the handler that was in place
+    (Ctrl-C then raises :class:`KeyboardInterrupt`, SIGTERM :class:`Terminated`), or, with
+    ``deliver=False``, dropped: that is for the clean-up after an interrupt, which is being
+    handled already. Only the main thread can handle signals: in another thread the block
+    changes nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous: dict[signal.Signals, Any] = {signum: signal.signal(signum, hold) for signum in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if held and deliver:  # also when the block raised: the interrupt is what the user asked for
+            signal.raise_signal(held[0])
 
 
 def interruption_reason(interrupt: KeyboardInterrupt) -> str:

@@ -20,7 +20,15 @@ failed by the next worker that looks (``optuna.storages.fail_stale_trials``), an
 ``RetryHeartbeatStaleTrialCallback`` queues a copy with the same parameters; the copy
 continues the dead trial's MLflow run and, where its epoch checkpoint is readable (the same
 results directory), its last epoch. Optuna 5 has no heartbeat for journal files: there a
-dead worker's trial stays RUNNING, so use a database when workers may die.
+worker records its host, process id and process start time with its claim, and a claim on
+this machine whose process is gone is failed and retried the same way. A claim of a worker on
+another machine cannot be judged from here: it stays RUNNING, and the commands say which
+trials it holds; a worker started on that machine retries them if their process is gone.
+
+**Claims can be lost.** A worker whose heartbeat stopped for the grace period (the process
+was paused, e.g. with SIGSTOP, or its machine stalled) has had its trial retried by another
+worker. Before it writes anything for a trial it checks that the trial is still its own
+(:func:`holds_claim`), and stops that trial without writing when it is not.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 import sqlalchemy
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import (
@@ -71,6 +80,9 @@ WHERE_KEYS = ("results", "tracking_uri", "device", "save_checkpoint")
 HEARTBEAT_ATTR = "heartbeat"
 WORKER_ATTR = "worker"
 """Trial user attribute: ``host:pid`` of the worker that ran the trial."""
+WORKER_STARTED_ATTR = "worker_started"
+"""Trial user attribute: when the worker's process started (seconds since the epoch), which
+tells it apart from a later process that got the same process id."""
 FAILURE_ATTR = "failure"
 """Trial user attribute: why the trial failed."""
 CONNECT_ARGS: dict[str, dict[str, Any]] = {
@@ -215,6 +227,24 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def local_worker_alive(trial: FrozenTrial) -> bool | None:
+    """Whether the worker process that claimed ``trial`` still runs: ``None`` when it cannot be
+    told from here (a worker on another machine, or a claim that recorded no worker yet).
+
+    A process that has exited (a zombie too) or whose process id now belongs to a process
+    started at another time is gone.
+    """
+    host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+    started = trial.user_attrs.get(WORKER_STARTED_ATTR)
+    if host != socket.gethostname() or not pid.isdigit() or started is None:
+        return None
+    try:
+        process = psutil.Process(int(pid))
+        return process.status() != psutil.STATUS_ZOMBIE and process.create_time() == started
+    except psutil.NoSuchProcess:
+        return False
+
+
 @dataclass
 class SharedStudy:
     """A study of this harness and the storage it lives in (opened with its heartbeat)."""
@@ -242,9 +272,20 @@ class SharedStudy:
         return Counter(t.state.name for t in self.study.get_trials(deepcopy=False))
 
     def pending(self) -> bool:
-        """Whether trials are still WAITING, or RUNNING where a dead worker would be detected."""
+        """Whether trials are still WAITING, or RUNNING where a dead worker would be detected
+        (a database storage's heartbeat; in a journal file, a worker process on this machine)."""
         counts = self.counts()
-        return counts["WAITING"] > 0 or (counts["RUNNING"] > 0 and self.heartbeat is not None)
+        if counts["WAITING"] > 0 or (counts["RUNNING"] > 0 and self.heartbeat is not None):
+            return True
+        return any(local_worker_alive(t) for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def foreign_claims(self) -> list[FrozenTrial]:
+        """The RUNNING trials whose worker cannot be judged from here (a journal file's claims
+        by workers on other machines): nobody here retries them."""
+        if self.heartbeat is not None:
+            return []
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return [t for t in running if local_worker_alive(t) is None]
 
 
 def load_shared_study(url: str, name: str) -> SharedStudy:
@@ -327,12 +368,22 @@ class Claim:
 
 
 def fail_stale_trials(shared: SharedStudy) -> None:
-    """Fail the running trials whose worker stopped sending heartbeats, and queue their retries."""
-    if shared.heartbeat is None:
+    """Fail the running trials whose worker is dead, and queue their retries: with a heartbeat,
+    those whose worker stopped sending it; without (a journal file), those claimed by a
+    process of this machine that is gone."""
+    if shared.heartbeat is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(shared.study)
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(shared.study)
+    study_id = shared.storage.get_study_id_from_name(shared.name)
+    for trial in shared.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if local_worker_alive(trial) is False:
+            claim = Claim(shared.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), trial)
+            finish_trial(
+                shared, claim, state=TrialState.FAIL, retry=True,
+                failure=f"its worker process {trial.user_attrs[WORKER_ATTR]} is gone (killed?)",
+            )  # fmt: skip
 
 
 def claim_waiting_trial(shared: SharedStudy) -> Claim | None:
@@ -348,9 +399,16 @@ def claim_waiting_trial(shared: SharedStudy) -> Claim | None:
             continue
         if shared.heartbeat is not None:
             storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        storage.set_trial_user_attr(trial_id, WORKER_STARTED_ATTR, psutil.Process().create_time())
         storage.set_trial_user_attr(trial_id, WORKER_ATTR, worker_id())
         return Claim(trial_id, storage.get_trial(trial_id))
     return None
+
+
+def holds_claim(shared: SharedStudy, claim: Claim) -> bool:
+    """Whether ``claim``'s trial is still RUNNING, that is this worker's: not failed and retried
+    by another worker (its heartbeat came too late), nor ended otherwise."""
+    return shared.storage.get_trial(claim.trial_id).state == TrialState.RUNNING
 
 
 @contextmanager
@@ -391,12 +449,17 @@ def finish_trial(
     the trial's ``failure`` attribute, passwords in it hidden) and, with ``retry``, a copy queued
     to run again.
 
-    A trial that another worker already failed as stale (its heartbeat came too late) is
-    left as it is.
+    A trial that another worker already ended (failed as stale and retried: its heartbeat
+    came too late) is left as it is, and no retry is queued for it.
     """
-    if failure is not None:
-        shared.storage.set_trial_user_attr(claim.trial_id, FAILURE_ATTR, masked(failure)[:5000])
-    values = None if value is None else [value]
-    shared.study.tell(claim.frozen.number, values, state=state, skip_if_finished=True)
+    try:
+        if not holds_claim(shared, claim):
+            return
+        if failure is not None:
+            shared.storage.set_trial_user_attr(claim.trial_id, FAILURE_ATTR, masked(failure)[:5000])
+        values = None if value is None else [value]
+        shared.study.tell(claim.frozen.number, values, state=state, skip_if_finished=True)
+    except UpdateFinishedTrialError:  # another worker ended it just now
+        return
     if retry:
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(shared.study, shared.storage.get_trial(claim.trial_id))

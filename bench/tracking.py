@@ -33,7 +33,7 @@ import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run, RunStatus
-from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_RUN_ID
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
@@ -331,6 +331,16 @@ class Tracker:
             self.end_run(status, reason, tags)
         except Exception as store_error:
             error.add_note(f"the MLflow run was not marked {status} in the store: {store_error}")
+
+    def leave_run(self) -> None:
+        """Stop logging to the active run without ending it: another process continues it.
+
+        MLflow's ``end_run`` always writes a status; this only takes the run off this
+        thread's stack of active runs (MLflow's own), so that the next run can start.
+        """
+        if mlflow.active_run() is not None:
+            mlflow.tracking.fluent._active_run_stack.get().pop()
+            MLFLOW_RUN_ID.unset()
 
     def end_other_run(self, run_id: str, status: str, reason: str) -> None:
         """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason (passwords

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import methods
 from bench.progress import RunProgress, Sweep
 from bench.resume import CHECKPOINT_FORMAT, CheckpointError, EpochCheckpoint, FitProgress, capture_rng, restore_rng, run_key
-from bench.signals import interruption_reason
+from bench.signals import interrupts_held, interruption_reason
 from bench.spec import RunSpec
 from bench.step import seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
@@ -43,6 +43,16 @@ RUN_KEY_TAG = "run_key"
 """MLflow tag holding a run's key (:func:`bench.resume.run_key`)."""
 DIVERGED_TAG = "diverged"
 """MLflow tag ``"true"`` on a run that ended FAILED by a non-finite loss: a result, not a crash."""
+
+
+class RunTakenOver(Exception):
+    """Raised by a ``before_writes`` callback when another process has taken the run over (it
+    retried the run of a worker that seemed dead).
+
+    The run stops without writing anything more: its MLflow run and epoch checkpoint are the
+    other process's now and are left as they are. The exception propagates to the caller of
+    :func:`train_run`.
+    """
 
 
 class StopTraining(Exception):
@@ -198,6 +208,7 @@ def train_run(
     identity: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    before_writes: Callable[[], None] | None = None,
     evaluate_test: bool = True,
     sweep: Sweep | None = None,
 ) -> RunResult:
@@ -217,8 +228,11 @@ def train_run(
     are not logged again. ``run_name`` and ``tags`` label the MLflow run. ``on_epoch(epoch,
     value)`` is called after each epoch (counted from 1; on resume also for the epochs done
     before) with the validation value of the primary metric; it may raise
-    :class:`StopTraining`. With ``evaluate_test=False`` the test split is never used: no test
-    metrics, no test predictions (a tuning trial). ``sweep`` places the run in its sweep for
+    :class:`StopTraining`. ``before_writes()`` is called before the MLflow run starts, before
+    each epoch's checkpoint and metrics are written, and before the final writes (summary,
+    best checkpoint; then FINISHED); it may raise :class:`RunTakenOver`. With
+    ``evaluate_test=False`` the test split is never used: no test metrics, no test
+    predictions (a tuning trial). ``sweep`` places the run in its sweep for
     the progress output (:mod:`bench.progress`).
     """
     seed_everything(seed)
@@ -253,6 +267,8 @@ def train_run(
         "task_options": suite.config(),
         "primary_metric": suite.primary_metric,
     }
+    if before_writes is not None:
+        before_writes()
     run_id = tracker.start_run(
         run_name or f"{method_name}-seed{seed}" + ("-features" if spec.grad_level == "features" else ""),
         params,
@@ -279,16 +295,21 @@ def train_run(
         run_progress = RunProgress(method_name, seed, suite.primary_metric, spec.epochs, progress.epochs_done, sweep)
         try:
             _fit(spec, suite, model, method, optimizer, scheduler, loaders, shared, names, tracker, result,
-                 progress, checkpoint, logged_epochs, logged_metrics, run_progress, on_epoch)
+                 progress, checkpoint, logged_epochs, logged_metrics, run_progress, on_epoch, before_writes)
         finally:
             run_progress.close()
         if evaluate_test:
             _test(spec, suite, model, loaders["test"], device, tracker, result, logged_metrics)
+        if before_writes is not None:
+            before_writes()
     except methods.NonFiniteLossError as error:
         result.status, result.reason = "FAILED", str(error)
         tracker.end_run("FAILED", str(error), tags={DIVERGED_TAG: "true"})
         checkpoint.remove()
         return result
+    except RunTakenOver:
+        tracker.leave_run()
+        raise
     except StopTraining as stop:
         result.status, result.reason = "KILLED", str(stop)
         tracker.end_run_after(stop, "KILLED", result.reason)
@@ -296,7 +317,8 @@ def train_run(
         raise
     except KeyboardInterrupt as interrupt:
         result.status, result.reason = "KILLED", interruption_reason(interrupt)
-        tracker.end_run_after(interrupt, "KILLED", result.reason)
+        with interrupts_held(deliver=False):  # a second Ctrl-C must not leave the run RUNNING
+            tracker.end_run_after(interrupt, "KILLED", result.reason)
         raise
     except BaseException as error:
         result.status, result.reason = "FAILED", f"{type(error).__name__}: {error}"
@@ -409,11 +431,13 @@ def _fit(
     logged_metrics: Collection[str],
     run_progress: RunProgress,
     on_epoch: Callable[[int, float], None] | None,
+    before_writes: Callable[[], None] | None,
 ) -> None:
-    """Train the epochs after ``progress.epochs_done``; after each, write the epoch checkpoint,
-    then log the epoch (unless it is among ``logged_epochs``), then report it to
-    ``run_progress`` and ``on_epoch``. At the end log the ``summary/*`` metrics (those not
-    among ``logged_metrics``, the run's metrics before it resumed) and the best checkpoint."""
+    """Train the epochs after ``progress.epochs_done``; after each, call ``before_writes``,
+    write the epoch checkpoint, then log the epoch (unless it is among ``logged_epochs``),
+    then report it to ``run_progress`` and ``on_epoch``. At the end call ``before_writes``
+    again and log the ``summary/*`` metrics (those not among ``logged_metrics``, the run's
+    metrics before it resumed) and the best checkpoint."""
     device = torch.device(spec.device)
     timer = PhaseTimer(device)
     # The NaN check reads the losses on the host: free on a CPU, a synchronisation per step on
@@ -501,6 +525,8 @@ def _fit(
             last_epoch_metrics=metrics,
         )
         rng = capture_rng(loader_generator)
+        if before_writes is not None:
+            before_writes()
         checkpoint.save(result.run_id or "", progress, _resumable(model, method, optimizer, scheduler), rng)
         if epoch not in logged_epochs:
             tracker.log_metrics(metrics, step=epoch)
@@ -529,6 +555,8 @@ def _fit(
         f"summary/best_val_{suite.primary_metric}": best_value,
         **{f"summary/{phase}_ms": ms for phase, ms in result.ms_per_step.items()},
     }
+    if before_writes is not None:
+        before_writes()
     _log_new_metrics(tracker, summary, logged_metrics)
     if spec.save_checkpoint:
         with tempfile.TemporaryDirectory() as scratch:

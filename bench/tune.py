@@ -19,7 +19,8 @@ the same epoch, once 5 trials have finished and from the second epoch on. A prun
 counts against the budget like a finished one.
 
 **Sampling.** TPE (Optuna's default sampler), seeded for each trial with the training seed
-plus the trial number, so a single worker repeats a study exactly.
+plus the trial number (a retry: the number of the trial it repeats; it keeps that trial's
+parameters when they were drawn), so a single worker repeats a study exactly.
 
 **Budget and workers.** Each study holds ``--trials`` trials, queued up front and claimed
 exactly once by the workers (:mod:`bench.studies`); with ``--workers K`` this process and K-1
@@ -32,7 +33,8 @@ checkpoint unless ``--no-checkpoint``), as for every trial that starts after tha
 
 **MLflow.** Each study is a parent run ``tune-<method>`` in the task's experiment (tags:
 study, storage; at the end the best value as metric ``best_value`` and the best parameters
-as tags ``best.<name>``); each trial is a training run nested under it. All of them carry the
+as tags ``best.<name>``; KILLED when the command is interrupted, RUNNING again when it is run
+again); each trial is a training run nested under it. All of them carry the
 tag :data:`~bench.tracking.TUNING_STUDY_TAG`, by which ``bench report`` leaves them out.
 """
 
@@ -66,8 +68,8 @@ import tasks
 from bench.cli import flags_to_layers
 from bench.credentials import masked
 from bench.errors import INPUT_ERRORS, print_error
-from bench.jobs import ClaimOutcome, run_claimed
-from bench.signals import interruption_exit_code, interruption_reason
+from bench.jobs import ClaimCheck, ClaimOutcome, run_claimed
+from bench.signals import interrupts_held, interruption_exit_code, interruption_reason
 from bench.spec import RunSpec, parse_assignments, resolve_spec
 from bench.studies import (
     CONFIG_ATTR,
@@ -271,8 +273,10 @@ def prepare_study(
         KIND_ATTR: "tune",
     }
     shared = create_shared_study(url, name, suite.primary_direction, identity, {SPEC_ATTR: stored_spec}, heartbeat)
-    if PARENT_RUN_ATTR not in shared.attrs:
-        client = MlflowClient(tracker.tracking_uri)
+    client = MlflowClient(tracker.tracking_uri)
+    if PARENT_RUN_ATTR in shared.attrs:
+        client.update_run(shared.attrs[PARENT_RUN_ATTR], status="RUNNING")  # worked on again
+    else:
         run = client.create_run(
             tracker.experiment_id,
             run_name=f"tune-{method}",
@@ -322,29 +326,30 @@ def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) 
     attrs = shared.attrs
     method = attrs[METHOD_ATTR]
     spec = context.spec(shared)
-    suite = context.suite(spec)
     space = {n: json_to_distribution(d) for n, d in attrs[SPACE_ATTR].items()}
-    shared.study.sampler = optuna.samplers.TPESampler(seed=spec.seeds[0] + claim.frozen.number)
+    first = claim.first_number
+    # The parameters are drawn (and stored on the trial) first: a retry of this trial keeps them.
+    shared.study.sampler = optuna.samplers.TPESampler(seed=spec.seeds[0] + first)
     shared.study.pruner = pruner()
     trial = optuna.Trial(shared.study, claim.trial_id)
     params = {name: suggest(trial, name, dimension) for name, dimension in space.items()}
-    first = claim.first_number
+    suite = context.suite(spec)
     full = bool(attrs.get(FULL_TRIALS_ATTR, False))
     trial_spec = tuned_spec(spec, method, params)
     if not full:
         trial_spec = dataclasses.replace(trial_spec, save_checkpoint=False)
     reported: list[float] = []
-
-    def report(epoch: int, value: float) -> None:
-        reported.append(value)
-        trial.report(value, epoch)
-        if trial.should_prune():
-            raise StopTraining(f"pruned by Optuna's {type(shared.study.pruner).__name__} after epoch {epoch}")
-
     label = trial_label(shared, claim)
     context.console.print(f"{label}: {format_params(params)}")
 
-    def train() -> RunResult:
+    def train(check: ClaimCheck) -> RunResult:
+        def report(epoch: int, value: float) -> None:
+            reported.append(value)
+            check()
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise StopTraining(f"pruned by Optuna's {type(shared.study.pruner).__name__} after epoch {epoch}")
+
         with Tracker(spec.tracking_uri, spec.task, spec.results) as tracker:
             return train_run(
                 trial_spec,
@@ -360,12 +365,26 @@ def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) 
                     "optuna.trial": str(claim.frozen.number),
                 },
                 on_epoch=report,
+                before_writes=check,
                 evaluate_test=full,
             )
 
     outcome = run_claimed(shared, claim, context.console, train)
     context.console.print(outcome_line(label, outcome, suite.primary_metric, reported[-1] if reported else None))
     return outcome.state.name
+
+
+def _end_parent_run(client: MlflowClient, shared: SharedStudy, status: str, reason: str | None = None) -> None:
+    parent = shared.attrs[PARENT_RUN_ATTR]
+    if reason is not None:
+        client.set_tag(parent, "failure_reason", reason[:5000])
+    client.set_terminated(parent, status)
+
+
+def interrupt_study(shared: SharedStudy, tracking_uri: str, reason: str) -> None:
+    """End the study's MLflow parent run KILLED, saying why: the command that worked on the
+    study was interrupted. Run again, the command sets it RUNNING."""
+    _end_parent_run(MlflowClient(tracking_uri), shared, "KILLED", reason)
 
 
 def finish_study(shared: SharedStudy, tracking_uri: str) -> str | None:
@@ -384,15 +403,14 @@ def finish_study(shared: SharedStudy, tracking_uri: str) -> str | None:
         failures = Counter(t.user_attrs.get(FAILURE_ATTR, t.state.name) for t in trials)
         reasons = "; ".join(f"{reason} ({n} trial{'s' * (n > 1)})" for reason, n in failures.most_common(3))
         message = f"no trial of {shared.name} completed: {len(trials)} trials ended as {reasons}"
-        client.set_tag(parent, "failure_reason", message[:5000])
-        client.set_terminated(parent, "FAILED")
+        _end_parent_run(client, shared, "FAILED", message)
         return message
     best = shared.study.best_trial
     client.log_metric(parent, "best_value", float(best.value))  # type: ignore[arg-type]
     client.set_tag(parent, "best_trial", str(best.number))
     for name, value in best.params.items():
         client.set_tag(parent, f"best.{name}", str(value))
-    client.set_terminated(parent, "FINISHED")
+    _end_parent_run(client, shared, "FINISHED")
     return None
 
 
@@ -464,9 +482,11 @@ def tune_command(args: argparse.Namespace, console: Console) -> int:
     try:
         run_workers(url, [s.name for s in studies], options.workers or 1, spec.results, spec.tracking_uri, console)
     except KeyboardInterrupt as interrupt:
-        console.print(
-            f"[yellow]{interruption_reason(interrupt)}: running trials are queued again; run the same command to go on[/]"
-        )
+        reason = interruption_reason(interrupt)
+        with interrupts_held(deliver=False):
+            for shared in studies:
+                interrupt_study(shared, spec.tracking_uri, reason)
+        console.print(f"[yellow]{reason}: running trials are queued again; run the same command to go on[/]")
         return interruption_exit_code(interrupt)
     failures = [message for s in studies if (message := finish_study(s, spec.tracking_uri)) is not None]
     console.print(tuning_table(studies))

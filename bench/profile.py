@@ -44,7 +44,7 @@ from rich.table import Table
 import methods
 import tasks
 from bench.errors import INPUT_ERRORS, print_error
-from bench.spec import check_backbone, check_grad_level, option_value, parse_assignments, resolve_device, resolve_methods
+from bench.spec import check_backbone, check_batch_size, check_grad_level, option_value, parse_assignments, resolve_device, resolve_methods
 from bench.step import GRAD_LEVELS, autocast, seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
 from methods.base import EpochStats
@@ -216,8 +216,9 @@ def profile_command(args: argparse.Namespace, console: Console) -> int:
         names = expand_methods(args.methods)
         check_grad_level(args.grad_level, names)
         check_backbone(args.task, args.backbone)
-        if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be >= 1 and --warmup >= 0")
+        if args.steps < 1 or args.warmup < 0:
+            raise ValueError("--steps must be >= 1 and --warmup >= 0")
+        check_batch_size(args.batch_size)
         device = resolve_device(args.device)
         autocast(device, args.amp)
         options = {k: option_value(v) for k, v in parse_assignments(args.task_opt, "--task-opt").items()}

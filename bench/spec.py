@@ -317,6 +317,16 @@ def check_grad_level(grad_level: str, chosen_methods: list[str]) -> str:
     return grad_level
 
 
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size``, or an error when BatchNorm cannot train on it (below :data:`MIN_BATCH_SIZE`)."""
+    if batch_size < MIN_BATCH_SIZE:
+        raise ValueError(
+            f"--batch-size {batch_size}: every backbone normalises with BatchNorm, which cannot train on a batch "
+            f"of one; use --batch-size {MIN_BATCH_SIZE} or more"
+        )
+    return batch_size
+
+
 def resolve_spec(
     config: Mapping[str, Any], flags: Mapping[str, Any]
 ) -> RunSpec:
@@ -356,12 +366,7 @@ def resolve_spec(
     chosen_methods = resolve_methods(values["methods"])
     seeds = resolve_seeds(values["seeds"])
     epochs = _positive_int(values["epochs"], "--epochs")
-    batch_size = _positive_int(values["batch_size"], "--batch-size")
-    if batch_size < MIN_BATCH_SIZE:
-        raise ValueError(
-            f"--batch-size {batch_size}: every backbone normalises with BatchNorm, which cannot train on a batch "
-            f"of one; use --batch-size {MIN_BATCH_SIZE} or more"
-        )
+    batch_size = check_batch_size(_positive_int(values["batch_size"], "--batch-size"))
     lr = _finite_number(values["lr"], "--lr")
     weight_decay = _finite_number(values["weight_decay"], "--weight-decay")
     if not lr > 0:

@@ -147,7 +147,9 @@ def test_nyuv2_without_a_data_folder_names_the_flag_and_the_download(
     [
         (["--methods", "nosuch"], "unknown method 'nosuch'; valid:"),
         (["--device", "foo"], "--device 'foo': expected cpu, cuda or cuda:N"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: every backbone normalises with BatchNorm"),
+        (["--batch-size", "1"], "--batch-size 1: every backbone normalises with BatchNorm"),
+        (["--steps", "0"], "--steps must be >= 1"),
     ],
 )
 def test_profile_bad_input(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:

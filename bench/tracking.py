@@ -162,6 +162,26 @@ def first_contact(tracking_uri: str) -> Iterator[None]:
         )
 
 
+def _store_name(tracking_uri: str) -> str:
+    """How messages name the MLflow store at ``tracking_uri`` (its password hidden)."""
+    return f"MLflow tracking store {masked(tracking_uri)}"
+
+
+def _reason_tag(reason: str) -> str:
+    """The value of :data:`FAILURE_REASON_TAG` for ``reason``: passwords hidden, at most 5000 characters."""
+    return masked(reason)[:5000]
+
+
+def end_run_by_id(tracking_uri: str, run_id: str, status: str, reason: str | None = None) -> None:
+    """End run ``run_id`` of the store at ``tracking_uri`` (not an active run of this process)
+    as FINISHED, FAILED or KILLED, with the reason as :data:`FAILURE_REASON_TAG`; waits while
+    the store is locked."""
+    client, store = MlflowClient(tracking_uri), _store_name(tracking_uri)
+    if reason is not None:
+        wait_while_locked(lambda: client.set_tag(run_id, FAILURE_REASON_TAG, _reason_tag(reason)), store)
+    wait_while_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status))), store)
+
+
 def _log_input(dataset: MetaDataset, context: str) -> None:
     """``mlflow.log_input``, tried again when another process created the same data set row at
     the same moment (the failed transaction is rolled back whole, so nothing is logged twice)."""
@@ -200,7 +220,7 @@ class Tracker:
         self._previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking_uri)
         self.tracking_uri = tracking_uri
-        self._store_name = f"MLflow tracking store {masked(tracking_uri)}"
+        self._store_name = _store_name(tracking_uri)
         sqlite_file = tracking_uri.removeprefix("sqlite:///") if tracking_uri.startswith("sqlite:///") else None
         try:
             with creating_store(Path(sqlite_file)) if sqlite_file else nullcontext(), first_contact(tracking_uri):
@@ -308,7 +328,7 @@ class Tracker:
         if active is None:
             return
         ending = RunStatus.to_string(RunStatus.from_string(status))
-        labels = {**(tags or {}), **({FAILURE_REASON_TAG: masked(reason)[:5000]} if reason else {})}
+        labels = {**(tags or {}), **({FAILURE_REASON_TAG: _reason_tag(reason)} if reason else {})}
         try:
             if labels:
                 self._call(lambda: mlflow.set_tags(labels))
@@ -344,7 +364,5 @@ class Tracker:
 
     def end_other_run(self, run_id: str, status: str, reason: str) -> None:
         """End run ``run_id`` (not the active one) as FAILED or KILLED, with the reason (passwords
-        in it hidden) as a tag."""
-        client = MlflowClient(self.tracking_uri)
-        self._call(lambda: client.set_tag(run_id, FAILURE_REASON_TAG, masked(reason)[:5000]))
-        self._call(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status))))
+        in it hidden) as a tag (:func:`end_run_by_id`)."""
+        end_run_by_id(self.tracking_uri, run_id, status, reason)

@@ -34,7 +34,7 @@ from bench.signals import interrupts_held, interruption_reason
 from bench.spec import RunSpec
 from bench.step import seed_everything, supplied_hparams, training_step
 from bench.timing import STEP_PHASES, PhaseTimer
-from bench.tracking import Tracker, environment_tags
+from bench.tracking import FAILURE_REASON_TAG, Tracker, environment_tags
 from methods.base import EpochStats
 from methods.engine import check_finite_losses
 from tasks.base import TaskSuite
@@ -382,7 +382,7 @@ def result_from_run(run: Any, method: str, seed: int, primary_metric: str) -> Ru
         seed=seed,
         status=run.info.status,
         run_id=run.info.run_id,
-        reason=tags.get("failure_reason"),
+        reason=tags.get(FAILURE_REASON_TAG),
         best_epoch=None if best_epoch is None else int(best_epoch),
         best_val=summary.get(f"best_val_{primary_metric}"),
         test={k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")},

@@ -86,7 +86,7 @@ from bench.studies import (
     open_storage,
 )
 from bench.sweep_cli import StorageOptions
-from bench.tracking import TUNING_STUDY_TAG, Tracker, flatten
+from bench.tracking import TUNING_STUDY_TAG, Tracker, end_run_by_id, flatten
 from bench.train import RunResult, StopTraining, train_run
 from methods.base import HParam
 
@@ -374,17 +374,10 @@ def run_tuning_trial(shared: SharedStudy, claim: Claim, context: WorkerContext) 
     return outcome.state.name
 
 
-def _end_parent_run(client: MlflowClient, shared: SharedStudy, status: str, reason: str | None = None) -> None:
-    parent = shared.attrs[PARENT_RUN_ATTR]
-    if reason is not None:
-        client.set_tag(parent, "failure_reason", reason[:5000])
-    client.set_terminated(parent, status)
-
-
 def interrupt_study(shared: SharedStudy, tracking_uri: str, reason: str) -> None:
     """End the study's MLflow parent run KILLED, saying why: the command that worked on the
     study was interrupted. Run again, the command sets it RUNNING."""
-    _end_parent_run(MlflowClient(tracking_uri), shared, "KILLED", reason)
+    end_run_by_id(tracking_uri, shared.attrs[PARENT_RUN_ATTR], "KILLED", reason)
 
 
 def finish_study(shared: SharedStudy, tracking_uri: str) -> str | None:
@@ -403,14 +396,14 @@ def finish_study(shared: SharedStudy, tracking_uri: str) -> str | None:
         failures = Counter(t.user_attrs.get(FAILURE_ATTR, t.state.name) for t in trials)
         reasons = "; ".join(f"{reason} ({n} trial{'s' * (n > 1)})" for reason, n in failures.most_common(3))
         message = f"no trial of {shared.name} completed: {len(trials)} trials ended as {reasons}"
-        _end_parent_run(client, shared, "FAILED", message)
+        end_run_by_id(tracking_uri, parent, "FAILED", message)
         return message
     best = shared.study.best_trial
     client.log_metric(parent, "best_value", float(best.value))  # type: ignore[arg-type]
     client.set_tag(parent, "best_trial", str(best.number))
     for name, value in best.params.items():
         client.set_tag(parent, f"best.{name}", str(value))
-    _end_parent_run(client, shared, "FINISHED")
+    end_run_by_id(tracking_uri, parent, "FINISHED")
     return None
 
 

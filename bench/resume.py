@@ -50,6 +50,10 @@ Format 2: read with ``weights_only=True`` (random states as lists), epochs numbe
 """
 
 
+TEMPORARY_SUFFIX = ".tmp"
+"""The end of the name of a checkpoint write's temporary file (``.<run key>.pt.XXXX.tmp``)."""
+
+
 class CheckpointError(Exception):
     """An epoch checkpoint that cannot be used: unreadable, unsafe, or not this run's."""
 
@@ -148,7 +152,9 @@ class EpochCheckpoint:
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with interrupts_held():
-            handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            handle, temporary = tempfile.mkstemp(
+                dir=self.path.parent, prefix=self._temporary_prefix, suffix=TEMPORARY_SUFFIX
+            )
             try:
                 with os.fdopen(handle, "wb") as file:
                     torch.save(state, file)
@@ -201,6 +207,11 @@ class EpochCheckpoint:
         restore_rng(state["rng"], loader_generator)
         return FitProgress(**state["progress"])
 
+    @property
+    def _temporary_prefix(self) -> str:
+        """The start of the name of a temporary file that a write of this checkpoint makes."""
+        return f".{self.path.name}."
+
     def remove(self) -> None:
         """Delete the checkpoint (once its run is over)."""
         self.path.unlink(missing_ok=True)
@@ -212,7 +223,7 @@ class EpochCheckpoint:
         Called when the run starts or resumes, before it writes a checkpoint itself; the
         temporary files of other run keys (other processes' writes in flight) are left alone.
         """
-        for temporary in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+        for temporary in self.path.parent.glob(f"{self._temporary_prefix}*{TEMPORARY_SUFFIX}"):
             temporary.unlink(missing_ok=True)
 
 

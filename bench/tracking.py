@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from bench.credentials import masked
+from bench.signals import interrupts_held
 from bench.stores import creating_store, is_locked, store_wait_seconds, wait_while_locked
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -172,14 +173,26 @@ def _reason_tag(reason: str) -> str:
     return masked(reason)[:5000]
 
 
+def _uninterrupted(action: Callable[[], Value]) -> Value:
+    """``action()`` (one call to the store) with Ctrl-C and SIGTERM held back until it is over
+    (:func:`~bench.signals.interrupts_held`): cut inside a write, MLflow's SQLite session keeps
+    its transaction open and the store locked by this very process, so that the run could not
+    then be ended KILLED."""
+    with interrupts_held():
+        return action()
+
+
 def end_run_by_id(tracking_uri: str, run_id: str, status: str, reason: str | None = None) -> None:
     """End run ``run_id`` of the store at ``tracking_uri`` (not an active run of this process)
     as FINISHED, FAILED or KILLED, with the reason as :data:`FAILURE_REASON_TAG`; waits while
     the store is locked."""
     client, store = MlflowClient(tracking_uri), _store_name(tracking_uri)
     if reason is not None:
-        wait_while_locked(lambda: client.set_tag(run_id, FAILURE_REASON_TAG, _reason_tag(reason)), store)
-    wait_while_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status))), store)
+        wait_while_locked(
+            partial(_uninterrupted, lambda: client.set_tag(run_id, FAILURE_REASON_TAG, _reason_tag(reason))), store
+        )
+    ending = RunStatus.to_string(RunStatus.from_string(status))
+    wait_while_locked(partial(_uninterrupted, lambda: client.set_terminated(run_id, ending)), store)
 
 
 def _log_input(dataset: MetaDataset, context: str) -> None:
@@ -253,8 +266,9 @@ class Tracker:
         return experiment.experiment_id
 
     def _call(self, action: Callable[[], Value]) -> Value:
-        """``action()``, waiting while the store is locked (:func:`bench.stores.wait_while_locked`)."""
-        return wait_while_locked(action, self._store_name)
+        """``action()``, waiting while the store is locked (:func:`bench.stores.wait_while_locked`);
+        see :func:`_uninterrupted` for Ctrl-C and SIGTERM."""
+        return wait_while_locked(partial(_uninterrupted, action), self._store_name)
 
     def start_run(
         self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None
@@ -334,7 +348,7 @@ class Tracker:
                 self._call(lambda: mlflow.set_tags(labels))
         finally:
             try:
-                mlflow.end_run(status=ending)  # clears the active run first, then writes the status
+                _uninterrupted(lambda: mlflow.end_run(status=ending))  # clears the active run, then writes
             except Exception as error:
                 if not is_locked(error):
                     raise
